@@ -1,0 +1,1 @@
+"""x86_64: memory layout, boot protocol, vCPU setup, MP and ACPI tables."""

@@ -1,0 +1,179 @@
+"""ACPI tables for direct kernel boot: RSDP, XSDT, FADT, FACS, DSDT, MADT.
+
+Layout follows crosvm (OEM id "CROSVM", tables from 0xE0000); the values come from
+the ACPI 6.x specification.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from crosvm.arch.x86_64 import layout as L
+from crosvm.arch.x86_64.mptable import checksum
+
+OEM_ID = b"CROSVM"
+OEM_TABLE_ID = b"CROSVMDT"
+OEM_REVISION = 1
+CREATOR_ID = b"CROS"
+CREATOR_REVISION = 1
+SDT_HEADER_LEN = 36
+
+# Sleep type written to PM1_CNT.SLP_TYP for S5 (soft off); the DSDT's \_S5 says so.
+SLP_TYP_S5 = 5
+
+
+@dataclass(frozen=True)
+class PmPorts:
+    """I/O ports of the fixed ACPI PM hardware."""
+
+    pm1_evt: int = 0x600   # PM1a status (2) + enable (2)
+    pm1_cnt: int = 0x604   # PM1a control (2)
+    gpe0: int = 0x620      # GPE0 status (2) + enable (2)
+    reset: int = 0xCF9
+    reset_value: int = 0x6
+    sci_irq: int = 5
+
+
+def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A System Description Table: standard header + body, checksummed."""
+    header = struct.pack("<4sIBB6s8sI4sI", signature, SDT_HEADER_LEN + len(body), revision, 0,
+                         OEM_ID, OEM_TABLE_ID, OEM_REVISION, CREATOR_ID, CREATOR_REVISION)
+    table = bytearray(header + body)
+    table[9] = checksum(bytes(table))
+    return bytes(table)
+
+
+def gas_io(port: int, width_bits: int) -> bytes:
+    """Generic Address Structure for a system I/O register."""
+    access = {8: 1, 16: 2, 32: 3}[width_bits]
+    return struct.pack("<BBBBQ", 1, width_bits, 0, access, port)
+
+
+def gas_none() -> bytes:
+    return bytes(12)
+
+
+def aml_pkglength(length_of_rest: int) -> bytes:
+    """PkgLength encoding: `length_of_rest` excludes the PkgLength bytes themselves."""
+    for nbytes in (1, 2, 3, 4):
+        total = length_of_rest + nbytes
+        if nbytes == 1 and total < 0x40:
+            return bytes([total])
+        if nbytes > 1 and total < 1 << (4 + 8 * (nbytes - 1)):
+            first = ((nbytes - 1) << 6) | (total & 0xF)
+            rest = (total >> 4).to_bytes(nbytes - 1, "little")
+            return bytes([first]) + rest
+    raise ValueError("AML package too long")
+
+
+def aml_byte(value: int) -> bytes:
+    if value == 0:
+        return b"\x00"
+    if value == 1:
+        return b"\x01"
+    return bytes([0x0A, value])
+
+
+def aml_name_package(name: bytes, values: list[int]) -> bytes:
+    """Name(NAME, Package() {values})."""
+    elements = bytes([len(values)]) + b"".join(aml_byte(v) for v in values)
+    return b"\x08" + name + b"\x12" + aml_pkglength(len(elements)) + elements
+
+
+def build_dsdt() -> bytes:
+    aml = aml_name_package(b"_S5_", [SLP_TYP_S5, SLP_TYP_S5, 0, 0])
+    return sdt(b"DSDT", 6, aml)
+
+
+FADT_WBINVD = 1 << 0
+FADT_SLP_BUTTON = 1 << 5  # no fixed sleep button
+FADT_RESET_REG_SUP = 1 << 10
+IAPC_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
+IAPC_BOOT_ARCH_8042 = 1 << 1
+IAPC_BOOT_ARCH_NO_CMOS_RTC = 1 << 5
+RTC_CENTURY_REG = 0x32
+
+
+def build_fadt(dsdt_addr: int, facs_addr: int, ports: PmPorts, i8042: bool, rtc: bool) -> bytes:
+    boot_arch = IAPC_BOOT_ARCH_LEGACY_DEVICES
+    if i8042:
+        boot_arch |= IAPC_BOOT_ARCH_8042
+    if not rtc:
+        boot_arch |= IAPC_BOOT_ARCH_NO_CMOS_RTC
+    body = b"".join([
+        struct.pack("<IIBBHIBBBB", 0, dsdt_addr, 0, 0, ports.sci_irq, 0, 0, 0, 0, 0),
+        struct.pack("<IIIIIIII", ports.pm1_evt, 0, ports.pm1_cnt, 0, 0, 0, ports.gpe0, 0),
+        struct.pack("<BBBBBBBB", 4, 2, 0, 0, 4, 0, 0, 0),
+        struct.pack("<HHHHBBBBBHB", 0, 0, 0, 0, 0, 0, 0, 0, RTC_CENTURY_REG if rtc else 0,
+                    boot_arch, 0),
+        struct.pack("<I", FADT_WBINVD | FADT_SLP_BUTTON | FADT_RESET_REG_SUP),
+        gas_io(ports.reset, 8),
+        struct.pack("<BHB", ports.reset_value, 0, 3),   # reset value, ARM flags, minor 3
+        struct.pack("<QQ", facs_addr, dsdt_addr),
+        gas_io(ports.pm1_evt, 32), gas_none(),
+        gas_io(ports.pm1_cnt, 16), gas_none(),
+        gas_none(), gas_none(),
+        gas_io(ports.gpe0, 32), gas_none(),
+        gas_none(), gas_none(),
+        b"CROSVM\x00\x00",
+    ])
+    return sdt(b"FACP", 6, body)
+
+
+def build_facs() -> bytes:
+    return struct.pack("<4sIIIIIQB3sI24s", b"FACS", 64, 0, 0, 0, 0, 0, 2, bytes(3), 0, bytes(24))
+
+
+MADT_PCAT_COMPAT = 1
+MADT_LAPIC_ENABLED = 1
+
+
+def build_madt(num_cpus: int, ports: PmPorts) -> bytes:
+    entries = [struct.pack("<II", L.LAPIC_ADDR, MADT_PCAT_COMPAT)]
+    for cpu in range(num_cpus):
+        entries.append(struct.pack("<BBBBI", 0, 8, cpu, cpu, MADT_LAPIC_ENABLED))
+    entries.append(struct.pack("<BBBBII", 1, 12, num_cpus, 0, L.IOAPIC_ADDR, 0))
+    # The SCI is level triggered, active high.
+    entries.append(struct.pack("<BBBBIH", 2, 10, 0, ports.sci_irq, ports.sci_irq, 0b1101))
+    return sdt(b"APIC", 5, b"".join(entries))
+
+
+def build_rsdp(xsdt_addr: int) -> bytes:
+    rsdp = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt_addr,
+                                 0, bytes(3)))
+    rsdp[8] = checksum(bytes(rsdp[:20]))
+    rsdp[32] = checksum(bytes(rsdp))
+    return bytes(rsdp)
+
+
+def _align(addr: int, align: int = 16) -> int:
+    return (addr + align - 1) & ~(align - 1)
+
+
+def build_acpi_tables(num_cpus: int, ports: PmPorts, i8042: bool = True,
+                      rtc: bool = True, base: int = L.ACPI_START) -> tuple[bytes, int]:
+    """All tables as one blob to place at `base`; returns (blob, RSDP address)."""
+    rsdp_addr = base
+    addr = _align(rsdp_addr + 36)
+    placed: list[tuple[int, bytes]] = []
+
+    def place(table: bytes, align: int = 16) -> int:
+        nonlocal addr
+        at = _align(addr, align)
+        placed.append((at, table))
+        addr = _align(at + len(table))
+        return at
+
+    facs_addr = place(build_facs(), align=64)  # the spec requires 64-byte alignment
+    dsdt_addr = place(build_dsdt())
+    fadt_addr = place(build_fadt(dsdt_addr, facs_addr, ports, i8042, rtc))
+    madt_addr = place(build_madt(num_cpus, ports))
+    xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    blob = bytearray(addr - base)
+    blob[0:36] = build_rsdp(xsdt_addr)
+    for at, table in placed:
+        blob[at - base:at - base + len(table)] = table
+    if base + len(blob) > L.BIOS_END:
+        raise ValueError("ACPI tables do not fit below 1 MiB")
+    return bytes(blob), rsdp_addr

@@ -1,0 +1,32 @@
+"""Event: an eventfd, the notification primitive between threads, processes and KVM."""
+
+from __future__ import annotations
+
+import os
+
+
+class Event:
+    """A counter eventfd. `signal()` adds 1; `wait()` blocks and resets it."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC) if fd is None else fd
+
+    def signal(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self) -> int:
+        return os.eventfd_read(self.fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Event":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,103 @@
+"""The validated VM configuration that `crosvm run` builds from its arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SERIAL_TYPES = ("stdout", "syslog", "sink", "file", "unix", "unix-stream")
+SERIAL_HARDWARE = ("serial", "virtio-console", "legacy-virtio-console", "debugcon")
+SUPPORTED_SERIAL_HARDWARE = ("serial",)
+MAX_SERIAL_PORTS = 4
+
+
+class ConfigError(ValueError):
+    """An invalid combination of options; the message is shown to the user."""
+
+
+@dataclass
+class SerialParameters:
+    """One `--serial` option."""
+
+    type: str = "sink"
+    hardware: str = "serial"
+    num: int = 1
+    path: str | None = None
+    input: str | None = None
+    console: bool = False
+    earlycon: bool = False
+    stdin: bool = False
+    out_timestamp: bool = False
+    debugcon_port: int = 0x402
+    name: str | None = None
+
+
+def default_serial() -> SerialParameters:
+    """crosvm's default: COM1 is a stdout console that reads stdin."""
+    return SerialParameters(type="stdout", num=1, console=True, stdin=True)
+
+
+@dataclass
+class Config:
+    """Everything `run_config` needs to build and run one VM."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    params: list[str] = field(default_factory=list)
+    cpus: int = 1
+    mem_mib: int = 256
+    serial: list[SerialParameters] = field(default_factory=list)
+    no_i8042: bool = False
+    no_rtc: bool = False
+    hypervisor_device: str = "/dev/kvm"
+
+    def serial_ports(self) -> list[SerialParameters]:
+        return self.serial or [default_serial()]
+
+    def validate(self) -> None:
+        if not self.kernel:
+            raise ConfigError("a kernel image is required")
+        if not 1 <= self.cpus <= 254:
+            raise ConfigError(f"cpus must be between 1 and 254, not {self.cpus}")
+        if self.mem_mib < 16:
+            raise ConfigError(f"mem must be at least 16 MiB, not {self.mem_mib}")
+        if self.mem_mib > 1 << 20:
+            raise ConfigError(f"mem of {self.mem_mib} MiB is larger than this VMM supports")
+        validate_serial(self.serial_ports())
+
+
+def validate_serial(ports: list[SerialParameters]) -> None:
+    """crosvm's rules for --serial."""
+    seen: set[tuple[str, int]] = set()
+    consoles = earlycons = stdins = 0
+    for p in ports:
+        if p.type not in SERIAL_TYPES:
+            raise ConfigError(f"serial: invalid type '{p.type}' (expected one of "
+                              f"{', '.join(SERIAL_TYPES)})")
+        if p.hardware not in SERIAL_HARDWARE:
+            raise ConfigError(f"serial: invalid hardware '{p.hardware}'")
+        if p.hardware not in SUPPORTED_SERIAL_HARDWARE:
+            raise ConfigError(f"serial: hardware={p.hardware} is not supported yet "
+                              "(only hardware=serial)")
+        if p.type == "unix-stream":
+            raise ConfigError("serial: type=unix-stream is not supported yet")
+        if not 1 <= p.num <= MAX_SERIAL_PORTS:
+            raise ConfigError(f"serial: num must be between 1 and {MAX_SERIAL_PORTS}, not {p.num}")
+        if (p.hardware, p.num) in seen:
+            raise ConfigError(f"serial: num={p.num} is given more than once for "
+                              f"hardware={p.hardware}")
+        seen.add((p.hardware, p.num))
+        if p.type in ("file", "unix") and not p.path:
+            raise ConfigError(f"serial: type={p.type} needs path=")
+        if p.stdin and p.input:
+            raise ConfigError("serial: stdin and input= cannot both be given")
+        if p.earlycon and p.hardware != "serial":
+            raise ConfigError("serial: earlycon is only possible with hardware=serial")
+        consoles += p.console
+        earlycons += p.earlycon
+        stdins += p.stdin
+    if consoles > 1:
+        raise ConfigError("serial: only one port can be the console")
+    if earlycons > 1:
+        raise ConfigError("serial: only one port can be earlycon")
+    if stdins > 1:
+        raise ConfigError("serial: only one port can read stdin")

@@ -1,0 +1,168 @@
+"""Host ends of a serial port: where its output goes and where its input comes from."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import syslog
+import threading
+import time
+
+from crosvm.config import SerialParameters
+
+log = logging.getLogger("crosvm.serial")
+
+
+class SerialError(Exception):
+    """A serial backend could not be opened."""
+
+
+class FdOutput:
+    """Writes everything to a file descriptor (stdout, a file, a pipe)."""
+
+    def __init__(self, fd: int, owned: bool, timestamp: bool = False) -> None:
+        self.fd = fd
+        self.owned = owned
+        self.timestamp = timestamp
+        self._line_start = True
+        self._t0 = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        if self.timestamp:
+            data = self._stamp(data)
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            log.warning("serial output failed: %s", e.strerror)
+
+    def _stamp(self, data: bytes) -> bytes:
+        out = bytearray()
+        for byte in data:
+            if self._line_start:
+                out += f"[{time.monotonic() - self._t0:12.6f}] ".encode()
+            out.append(byte)
+            self._line_start = byte == 0x0A
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.owned:
+            os.close(self.fd)
+
+
+class SyslogOutput:
+    """Sends whole lines to syslog."""
+
+    def __init__(self, tag: str) -> None:
+        self._buf = bytearray()
+        self._tag = tag
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        while b"\n" in self._buf:
+            line, _, rest = self._buf.partition(b"\n")
+            syslog.syslog(syslog.LOG_INFO, f"{self._tag}: {line.decode(errors='replace')}")
+            self._buf = bytearray(rest)
+
+    def close(self) -> None:
+        pass
+
+
+class UnixOutput:
+    """A datagram socket connected to `path`; output is dropped while no one listens."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise SerialError(f"serial: failed to connect to unix socket {path}: "
+                              f"{e.strerror}") from e
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError:
+            pass
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_output(params: SerialParameters) -> object | None:
+    """The output sink for one port, or None for type=sink."""
+    t = params.type
+    if t == "stdout":
+        return FdOutput(1, owned=False, timestamp=params.out_timestamp)
+    if t == "file":
+        try:
+            fd = os.open(params.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise SerialError(f"serial: failed to open {params.path}: {e.strerror}") from e
+        return FdOutput(fd, owned=True, timestamp=params.out_timestamp)
+    if t == "syslog":
+        return SyslogOutput(f"serial{params.num}")
+    if t == "unix":
+        return UnixOutput(params.path)
+    return None
+
+
+def open_input(params: SerialParameters, output: object | None) -> int | None:
+    """The fd the port reads from: stdin, `input=` or the unix socket; None if none."""
+    if params.stdin:
+        return 0
+    if params.input:
+        try:
+            return os.open(params.input, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SerialError(f"serial: failed to open input {params.input}: {e.strerror}") from e
+    if isinstance(output, UnixOutput):
+        return output.fileno()
+    return None
+
+
+class InputThread:
+    """Copies bytes from an fd into a serial device until EOF or stop."""
+
+    def __init__(self, fd: int, sink, name: str) -> None:
+        self.fd = fd
+        self.sink = sink
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        import select
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._stop_r in events:
+                return
+            if self.fd in events:
+                try:
+                    data = os.read(self.fd, 4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return   # EOF: the guest sees no more input
+                self.sink.queue_input_bytes(data)

@@ -1,0 +1,1 @@
+"""Hypervisor abstraction (crosvm's `hypervisor` crate); KVM is the only backend."""

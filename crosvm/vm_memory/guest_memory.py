@@ -1,0 +1,119 @@
+"""GuestMemory: guest RAM backed by one memfd, mapped once, accessed with bounds checks.
+
+The memfd lets device processes map the same RAM later; every access from a device
+goes through `slice()`, which refuses ranges that are not wholly inside one region.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+
+
+class GuestMemoryError(Exception):
+    """An access outside guest RAM, or a failure to create it."""
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest physical addresses."""
+
+    guest_addr: int
+    size: int
+    shm_offset: int
+    mapping: mmap.mmap
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+    def host_address(self) -> int:
+        """The userspace address of the mapping, for KVM_SET_USER_MEMORY_REGION."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+
+
+class GuestMemory:
+    """Guest RAM as a list of non-overlapping regions sharing one memfd."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        """`ranges` is a list of (guest address, size) pairs, page-aligned."""
+        ranges = sorted(ranges)
+        for (a, sa), (b, _) in zip(ranges, ranges[1:]):
+            if a + sa > b:
+                raise GuestMemoryError(f"memory regions overlap at {b:#x}")
+        total = sum(size for _, size in ranges)
+        try:
+            self.memfd = os.memfd_create("crosvm_guest", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, total)
+        except OSError as e:
+            raise GuestMemoryError(f"failed to create guest memory: {e.strerror}") from e
+        self.regions: list[MemoryRegion] = []
+        offset = 0
+        for addr, size in ranges:
+            if addr % mmap.PAGESIZE or size % mmap.PAGESIZE or size == 0:
+                raise GuestMemoryError(f"region {addr:#x}+{size:#x} is not page-aligned")
+            mapping = mmap.mmap(self.memfd, size, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            self.regions.append(MemoryRegion(addr, size, offset, mapping))
+            offset += size
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def end_addr(self) -> int:
+        return self.regions[-1].end
+
+    def _find(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(f"invalid guest range {addr:#x}+{length:#x}")
+        for region in self.regions:
+            if region.guest_addr <= addr < region.end or (length == 0 and addr == region.end):
+                if addr + length > region.end:
+                    break
+                return region, addr - region.guest_addr
+        raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not in RAM")
+
+    def is_valid_range(self, addr: int, length: int) -> bool:
+        try:
+            self._find(addr, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def slice(self, addr: int, length: int) -> memoryview:
+        """A zero-copy view of [addr, addr+length); raises if it is not all RAM."""
+        region, off = self._find(addr, length)
+        return memoryview(region.mapping)[off:off + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes(self.slice(addr, length))
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        self.slice(addr, len(data))[:] = data
+
+    def read_int(self, addr: int, size: int) -> int:
+        return int.from_bytes(self.slice(addr, size), "little")
+
+    def write_int(self, addr: int, value: int, size: int) -> None:
+        self.slice(addr, size)[:] = value.to_bytes(size, "little")
+
+    def write_from_file(self, addr: int, fd: int, length: int, file_offset: int) -> None:
+        """Copy `length` bytes of a file straight into guest RAM (no Python copy)."""
+        view = self.slice(addr, length)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], file_offset + done)
+            if n == 0:
+                raise GuestMemoryError("unexpected end of file while loading into guest RAM")
+            done += n
+
+    def close(self) -> None:
+        for region in self.regions:
+            try:
+                region.mapping.close()
+            except BufferError:
+                pass  # still exported to KVM; the process exit unmaps it
+        os.close(self.memfd)

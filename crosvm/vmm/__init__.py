@@ -1,0 +1,1 @@
+"""Assembling and running a VM from a Config (crosvm's src/crosvm/sys/linux)."""

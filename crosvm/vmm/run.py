@@ -1,0 +1,209 @@
+"""run_config: build the VM a Config describes, run it, and say how it ended."""
+
+from __future__ import annotations
+
+import logging
+import os
+import termios
+import tty
+
+from crosvm.arch.x86_64 import layout as L
+from crosvm.arch.x86_64 import regs as R
+from crosvm.arch.x86_64.acpi import PmPorts
+from crosvm.arch.x86_64.boot import BASE_CMDLINE, BootError, initrd_addr_max, write_boot_data
+from crosvm.arch.x86_64.cpuid import adjust_cpuid, phys_address_bits
+from crosvm.base import Event
+from crosvm.config import Config, ConfigError
+from crosvm.devices.acpi import AcpiPm
+from crosvm.devices.bus import Bus
+from crosvm.devices.cmos import Cmos
+from crosvm.devices.i8042 import I8042
+from crosvm.devices.serial import Serial
+from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
+from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
+from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
+from crosvm.vm_memory import GuestMemory, GuestMemoryError
+from crosvm.vmm.exit import ExitCode, ExitState
+from crosvm.vmm.vcpu import VcpuThread, install_kick_handler
+
+log = logging.getLogger("crosvm")
+
+SERIAL_PORTS = {1: 0x3F8, 2: 0x2F8, 3: 0x3E8, 4: 0x2E8}
+SERIAL_IRQS = {1: 4, 2: 3, 3: 4, 4: 3}
+SERIAL_PORT_LEN = 8
+CMOS_PORT = 0x70
+I8042_IRQ = 1
+EARLYCON = "earlycon=uart8250,io,0x3f8"
+
+
+class SetupError(Exception):
+    """The VM could not be built from a valid-looking config (bad file, KVM failure)."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def kernel_cmdline(cfg: Config) -> str:
+    """crosvm's order: the base line, then serial console options, then -p params."""
+    parts = [BASE_CMDLINE]
+    for p in cfg.serial_ports():
+        if p.console:
+            parts.append(f"console=ttyS{p.num - 1}")
+        if p.earlycon:
+            parts.append(f"earlycon=uart8250,io,{SERIAL_PORTS[p.num]:#x}")
+    parts.extend(cfg.params)
+    return " ".join(parts)
+
+
+class Vm:
+    """A built VM: memory, buses, devices and vCPUs, ready to `run()`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.exit_state = ExitState()
+        self.io_bus = Bus()
+        self.mmio_bus = Bus()
+        self._closers: list = []
+        self._input_threads: list[InputThread] = []
+        self._serials: list[Serial] = []
+        self.kvm = Kvm(cfg.hypervisor_device)
+        self.vm = KvmVm(self.kvm)
+        self.mem_size = cfg.mem_mib << 20
+        self.mem = GuestMemory(L.ram_ranges(self.mem_size))
+        for region in self.mem.regions:
+            self.vm.add_memory_region(region.guest_addr, region.size, region.host_address())
+        self.vm.set_identity_map_addr(L.IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(L.TSS_ADDR)
+        self.vm.create_irq_chip()
+        self.vm.create_pit()
+        self.pm_ports = PmPorts()
+        self._irq_events: dict[int, Event] = {}
+        self._add_devices()
+        self._load()
+        self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
+
+    def irq_event(self, irq: int) -> Event:
+        """The irqfd for an edge-triggered ISA interrupt line (shared by its devices)."""
+        if irq not in self._irq_events:
+            event = Event()
+            self.vm.register_irqfd(event.fd, irq)
+            self._irq_events[irq] = event
+        return self._irq_events[irq]
+
+    def _add_devices(self) -> None:
+        cfg = self.cfg
+        for params in sorted(cfg.serial_ports(), key=lambda p: p.num):
+            out = open_output(params)
+            if out is not None:
+                self._closers.append(out.close)
+            serial = Serial(self.irq_event(SERIAL_IRQS[params.num]), out,
+                            label=f"serial{params.num}")
+            self.io_bus.insert(serial, SERIAL_PORTS[params.num], SERIAL_PORT_LEN)
+            self._serials.append(serial)
+            in_fd = open_input(params, out)
+            if in_fd is not None:
+                self._input_threads.append(
+                    InputThread(in_fd, serial, name=f"serial{params.num}_input"))
+        if not cfg.no_rtc:
+            below = min(self.mem_size, L.END_ADDR_BEFORE_32BITS)
+            self.io_bus.insert(Cmos(below, self.mem_size - below), CMOS_PORT, 2)
+        if not cfg.no_i8042:
+            i8042 = I8042(self.exit_state.reset, self.irq_event(I8042_IRQ))
+            self.io_bus.insert(i8042, 0x60, 1)
+            self.io_bus.insert(i8042, 0x64, 1)
+        pm = AcpiPm(self.pm_ports, self.exit_state.poweroff, self.exit_state.reset)
+        for base, length in pm.ranges():
+            self.io_bus.insert(pm, base, length)
+
+    def _load(self) -> None:
+        cfg = self.cfg
+        kernel = load_kernel(self.mem, cfg.kernel)
+        initrd = None
+        if cfg.initrd:
+            initrd = load_initrd(self.mem, cfg.initrd, kernel.end, initrd_addr_max(kernel))
+        write_boot_data(self.mem, kernel, kernel_cmdline(cfg), self.mem_size, initrd,
+                        cfg.cpus, self.pm_ports, i8042=not cfg.no_i8042, rtc=not cfg.no_rtc)
+        self.kernel = kernel
+
+    def _create_vcpu(self, index: int) -> VcpuThread:
+        if index == 0:
+            self._cpuid = self.kvm.supported_cpuid()
+        vcpu = self.vm.create_vcpu(index)
+        vcpu.set_cpuid(adjust_cpuid(self._cpuid, index, self.cfg.cpus))
+        vcpu.set_msrs(R.boot_msrs(phys_address_bits(self._cpuid)))
+        R.setup_fpu(vcpu)
+        R.setup_lint(vcpu)
+        if index == 0:
+            # The BSP starts in long mode at the kernel entry; APs wait for INIT/SIPI.
+            R.setup_sregs(self.mem, vcpu)
+            R.setup_regs(vcpu, self.kernel.entry)
+        return VcpuThread(vcpu, self.mem, self.io_bus, self.mmio_bus, self.exit_state)
+
+    def stop(self) -> None:
+        """Ask the VM to stop as `crosvm stop` does (exit code 0)."""
+        self.exit_state.request(ExitCode.SUCCESS)
+
+    def run(self) -> ExitCode:
+        install_kick_handler()
+        self.exit_state.add_listener(self._kick_all)
+        for t in self._input_threads:
+            t.start()
+        for v in self.vcpus:
+            v.start()
+        try:
+            while not self.exit_state.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            self.exit_state.request(ExitCode.SUCCESS)
+        self._kick_all()
+        for v in self.vcpus:
+            v.join(5.0)
+        return self.exit_state.code
+
+    def _kick_all(self) -> None:
+        for v in self.vcpus:
+            v.kick()
+
+    def close(self) -> None:
+        for t in self._input_threads:
+            t.stop()
+        for s in self._serials:
+            s.close()
+        for close in self._closers:
+            close()
+
+
+class RawTerminal:
+    """Puts a terminal stdin into raw mode for the guest's console, restoring it after."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.saved = None
+        if wanted and os.isatty(0):
+            self.saved = termios.tcgetattr(0)
+            tty.setraw(0)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
+
+
+def run_config(cfg: Config) -> ExitCode:
+    """Build and run a VM; log why it failed or stopped; return crosvm's exit code."""
+    try:
+        cfg.validate()
+        vm = Vm(cfg)
+    except (ConfigError, KernelLoaderError, BootError) as e:
+        log.error("%s", e)
+        return ExitCode.INVALID_ARGS
+    except (KvmError, GuestMemoryError, SerialError, OSError) as e:
+        log.error("failed to set up the VM: %s", e)
+        return ExitCode.ERROR
+    terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))
+    try:
+        code = vm.run()
+    finally:
+        terminal.restore()
+        vm.close()
+    log.info("exiting with %s (%d)", code.name, code)
+    return code
