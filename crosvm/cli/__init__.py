@@ -1,0 +1,1 @@
+"""Command line: crosvm's argument grammar, --cfg files and subcommands."""

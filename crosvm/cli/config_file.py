@@ -1,0 +1,150 @@
+"""Turning option values (command line or --cfg JSON) into one merged Config.
+
+Merge rules (crosvm book, "Configuration files"): files apply in order, a file's
+`cfg` includes apply before the file itself; options that take one value are
+overwritten, lists are extended; the command line is applied last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from crosvm.cli import keyvalue as kv
+from crosvm.cli.options import BY_CONFIG_KEY, Option
+from crosvm.config import Config, SerialParameters
+
+MAX_CFG_DEPTH = 16
+
+
+class ConfigFileError(ValueError):
+    """A config file or option value is invalid."""
+
+
+def normalize(opt: Option, value: Any, where: str) -> Any:
+    """One option value (a string from argv, or any JSON value) in canonical form."""
+    if opt.multi:
+        values = value if isinstance(value, list) else [value]
+        return [_normalize_one(opt, v, where) for v in values]
+    return _normalize_one(opt, value, where)
+
+
+def _normalize_one(opt: Option, value: Any, where: str) -> Any:
+    try:
+        if opt.kind == "flag":
+            if not isinstance(value, bool):
+                raise ConfigFileError(f"{where}: expected true or false")
+            return value
+        if opt.kind == "value":
+            if opt.value_type == "int":
+                return kv.convert(kv.Field(opt.long, "int"), value)
+            if not isinstance(value, str):
+                raise ConfigFileError(f"{where}: expected a string")
+            if opt.long == "kvm-device":
+                return {"kvm": {"device": value}}
+            return value
+        if opt.kind == "keyvalue":
+            schema = opt.schema
+            if isinstance(value, str):
+                return kv.from_items(schema, kv.parse(value))
+            if isinstance(value, int) and not isinstance(value, bool) and len(schema.fields) == 1:
+                return {schema.fields[0].name: value}
+            if isinstance(value, dict):
+                return kv.from_mapping(schema, value, where)
+            raise ConfigFileError(f"{where}: expected key=value settings")
+        if opt.kind == "variant":
+            return _normalize_variant(opt, value, where)
+    except kv.KeyValueError as e:
+        raise ConfigFileError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+    except ValueError as e:
+        raise ConfigFileError(f"{where}: {e}") from None
+    raise AssertionError(opt.kind)
+
+
+def _normalize_variant(opt: Option, value: Any, where: str) -> dict[str, Any]:
+    variants = opt.variants or {}
+    if isinstance(value, str):
+        items = kv.parse(value)
+        if len(items) != 1 or items[0].key is not None:
+            raise ConfigFileError(f"{where}: expected one of {', '.join(variants)}")
+        v = items[0].value
+        name, fields = (v.name, v.items) if isinstance(v, kv.Variant) else (v, [])
+        if name not in variants:
+            raise ConfigFileError(f"{where}: unknown variant `{name}`, expected one of "
+                                  + ", ".join(variants))
+        schema = variants[name]
+        return {name: kv.from_items(kv.Schema(schema.fields, first_key_optional=False), fields)}
+    if isinstance(value, dict) and len(value) == 1:
+        name, fields = next(iter(value.items()))
+        if name not in variants:
+            raise ConfigFileError(f"{where}: unknown variant `{name}`")
+        return {name: kv.from_mapping(variants[name], fields or {}, where)}
+    raise ConfigFileError(f"{where}: expected one of {', '.join(variants)}")
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Lists extend, everything else is replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + value
+        else:
+            out[key] = value
+    return out
+
+
+def load_cfg(path: str, _stack: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load one JSON config file with its `cfg` includes applied first."""
+    real = os.path.realpath(path)
+    if real in _stack:
+        raise ConfigFileError(f"{path}: config files include each other in a loop")
+    if len(_stack) >= MAX_CFG_DEPTH:
+        raise ConfigFileError(f"{path}: config includes nest deeper than {MAX_CFG_DEPTH}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigFileError(f"failed to read config file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                              f"{e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the top level must be a JSON object")
+    includes = data.pop("cfg", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigFileError(f"{path}: `cfg` must be a list of file names")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
+        merged = merge(merged, load_cfg(inc_path, _stack + (real,)))
+    own: dict[str, Any] = {}
+    for key, value in data.items():
+        opt = BY_CONFIG_KEY.get(key)
+        if opt is None:
+            raise ConfigFileError(f"{path}: unknown option `{key}`")
+        own[opt.config_key] = normalize(opt, value, f"{path}: {key}")
+    return merge(merged, own)
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """The typed Config from merged option values."""
+    cfg = Config()
+    cfg.kernel = values.get("kernel")
+    cfg.initrd = values.get("initrd")
+    cfg.params = list(values.get("params", []))
+    if "cpus" in values:
+        cfg.cpus = values["cpus"].get("num-cores", 1)
+    if "mem" in values:
+        cfg.mem_mib = values["mem"].get("size", 256)
+    for s in values.get("serial", []):
+        full = kv.with_defaults(BY_CONFIG_KEY["serial"].schema, s, "serial")
+        cfg.serial.append(SerialParameters(**{k.replace("-", "_"): v for k, v in full.items()}))
+    hyp = values.get("hypervisor")
+    if hyp:
+        cfg.hypervisor_device = hyp["kvm"].get("device", "/dev/kvm")
+    cfg.no_i8042 = bool(values.get("no-i8042", False))
+    cfg.no_rtc = bool(values.get("no-rtc", False))
+    return cfg

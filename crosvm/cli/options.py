@@ -1,0 +1,109 @@
+"""The `crosvm run` options: names, key schemas and help, in one table.
+
+Each option stores its value under `key` in a JSON-like dict, the same shape a
+`--cfg` file uses, so the command line and config files merge by one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crosvm.cli.keyvalue import Field, Schema
+from crosvm.config import SERIAL_HARDWARE, SERIAL_TYPES
+
+
+@dataclass
+class Option:
+    """One command-line option."""
+
+    long: str
+    kind: str                      # flag | value | keyvalue | variant
+    help: str
+    short: str | None = None
+    key: str | None = None         # key in the config dict (defaults to `long`)
+    multi: bool = False            # may repeat; values form a list
+    value_type: str = "str"        # for kind=value: str | path | int
+    schema: Schema | None = None   # for kind=keyvalue
+    variants: dict[str, Schema] | None = None  # for kind=variant
+    metavar: str = "VALUE"
+    in_config: bool = True         # may appear in a --cfg file
+    deprecated: str | None = None  # the option to use instead
+
+    @property
+    def config_key(self) -> str:
+        return self.key or self.long
+
+
+SERIAL_SCHEMA = Schema([
+    Field("type", "enum", "sink", "where output goes (and input comes from for unix)",
+          choices=SERIAL_TYPES),
+    Field("hardware", "enum", "serial", "the emulated device", choices=SERIAL_HARDWARE),
+    Field("num", "int", 1, "serial port number, 1 to 4 (COM1-COM4 / ttyS0-ttyS3)"),
+    Field("path", "path", None, "file for type=file, socket for type=unix"),
+    Field("input", "path", None, "file to read guest input from"),
+    Field("console", "bool", False, "use this port as the kernel console"),
+    Field("earlycon", "bool", False, "use this port for early kernel messages"),
+    Field("stdin", "bool", False, "feed this port from crosvm's standard input"),
+    Field("out-timestamp", "bool", False, "prefix each output line with a timestamp",
+          aliases=("out_timestamp",)),
+    Field("debugcon-port", "int", 0x402, "I/O port for hardware=debugcon",
+          aliases=("debugcon_port",)),
+    Field("name", "str", None, "name of a virtio-console port"),
+])
+
+CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
+MEM_SCHEMA = Schema([Field("size", "int", 256, "guest memory in MiB")])
+KVM_SCHEMA = Schema([Field("device", "path", "/dev/kvm", "path to the KVM device")])
+
+RUN_OPTIONS: list[Option] = [
+    Option("cpus", "keyvalue", "vCPU configuration", short="c", schema=CPUS_SCHEMA,
+           metavar="num-cores=N"),
+    Option("mem", "keyvalue", "guest memory configuration", short="m", schema=MEM_SCHEMA,
+           metavar="size=MiB"),
+    Option("params", "value", "extra kernel command line (may repeat)", short="p", multi=True,
+           metavar="PARAMS"),
+    Option("initrd", "value", "initial ramdisk to load", short="i", value_type="path",
+           metavar="PATH"),
+    Option("kernel", "value", "kernel image (bzImage or ELF vmlinux); also the positional "
+           "argument", value_type="path", metavar="PATH"),
+    Option("serial", "keyvalue", "a serial port (may repeat)", multi=True, schema=SERIAL_SCHEMA,
+           metavar="type=TYPE,..."),
+    Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
+           metavar="kvm[device=PATH]"),
+    Option("kvm-device", "value", "path to the KVM device", value_type="path",
+           key="hypervisor", deprecated="--hypervisor kvm[device=PATH]", in_config=False,
+           metavar="PATH"),
+    Option("no-i8042", "flag", "do not emulate the i8042 keyboard controller"),
+    Option("no-rtc", "flag", "do not emulate the CMOS real-time clock"),
+    Option("disable-sandbox", "flag", "run devices without a sandbox (devices are not "
+           "sandboxed yet either way)"),
+    Option("cfg", "value", "JSON configuration file (may repeat; the command line wins)",
+           multi=True, value_type="path", in_config=False, metavar="FILE"),
+]
+
+BY_LONG = {o.long: o for o in RUN_OPTIONS}
+BY_SHORT = {o.short: o for o in RUN_OPTIONS if o.short}
+BY_CONFIG_KEY = {o.config_key: o for o in RUN_OPTIONS if o.in_config}
+
+
+def run_help() -> str:
+    lines = ["Usage: crosvm run [OPTIONS] [KERNEL]", "",
+             "Start a new VM with the given kernel image.", "", "Options:"]
+    for o in RUN_OPTIONS:
+        names = (f"-{o.short}, " if o.short else "    ") + f"--{o.long}"
+        if o.kind != "flag":
+            names += f" {o.metavar}"
+        text = o.help + (f" (DEPRECATED: use {o.deprecated})" if o.deprecated else "")
+        lines.append(f"  {names:<34} {text}")
+        schemas = [o.schema] if o.schema else list((o.variants or {}).values())
+        for schema in schemas:
+            if o.kind == "keyvalue" and schema.first_key_optional:
+                lines.append(f"  {'':<34}   Valid keys (the first key may be omitted):")
+            else:
+                lines.append(f"  {'':<34}   Valid keys:")
+            for f in schema.fields:
+                what = f.type if f.type != "enum" else "|".join(f.choices)
+                default = "" if f.default in (None, False) else f" (default: {f.default})"
+                lines.append(f"  {'':<34}     {f.name}={what} - {f.help}{default}")
+    lines.append(f"  {'-h, --help':<34} show this help")
+    return "\n".join(lines)
