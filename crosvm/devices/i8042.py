@@ -74,7 +74,7 @@ class I8042(BusDevice):
         if was_empty and self._irq is not None and self.ctr & CTR_KBDINT:
             self._irq.signal()
 
-    def _command(self, cmd: int) -> None:
+    def _command(self, cmd: int) -> str | None:
         if cmd == CMD_READ_CTR:
             self._queue(self.ctr)
         elif cmd in (CMD_WRITE_CTR, CMD_WRITE_OUTPUT, CMD_KBD_LOOP, CMD_AUX_LOOP, CMD_AUX_SEND):
@@ -99,7 +99,7 @@ class I8042(BusDevice):
             return "reset"
         return None
 
-    def _data(self, value: int) -> None:
+    def _data(self, value: int) -> str | None:
         cmd, self._pending_cmd = self._pending_cmd, None
         if cmd == CMD_WRITE_CTR:
             self.ctr = value
@@ -110,7 +110,9 @@ class I8042(BusDevice):
         elif cmd == CMD_KBD_LOOP:
             self._queue(value)
         elif cmd == CMD_AUX_LOOP:
-            pass        # no AUX device: nothing loops back
+            # No AUX port: answer at once with a byte that is not the one looped, so the
+            # driver's AUX probe fails fast instead of timing out.
+            self._queue(value ^ 0xFF)
         elif cmd == CMD_AUX_SEND:
             pass        # no mouse attached
         else:

@@ -1,0 +1,169 @@
+"""Test harness: boots the test guest with `crosvm run` and drives its serial agent.
+
+The guest's /init (guest/init) serves commands on COM2 (ttyS1), framed as
+@@BEGIN / O:<stdout line> / E:<stderr line> / @@END <status>. The host end of
+COM2 is a pair of pipes handed to crosvm as /proc/self/fd/N paths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_GUEST = os.path.join(os.path.dirname(REPO), "shared", "guest")
+# The command line this host's emulator needs (../shared/guest/README.md).
+HOST_CMDLINE = ("console=ttyS0 panic=-1 noxsave clearcpuid=cx16,smap,popcnt nokaslr "
+                "no_int3_selftest tsc=reliable noreplace-smp quiet")
+
+BOOT_TIMEOUT = float(os.environ.get("CROSVM_TEST_BOOT_TIMEOUT", "300"))
+COMMAND_TIMEOUT = float(os.environ.get("CROSVM_TEST_COMMAND_TIMEOUT", "120"))
+
+
+def test_kernel(kind: str = "vmlinux") -> str | None:
+    """$CROSVM_TEST_KERNEL (for vmlinux) or ../shared/guest/<kind>, if it exists."""
+    if kind == "vmlinux" and os.environ.get("CROSVM_TEST_KERNEL"):
+        path = os.environ["CROSVM_TEST_KERNEL"]
+    else:
+        path = os.path.join(SHARED_GUEST, kind)
+    return path if os.path.exists(path) else None
+
+
+@dataclass
+class CommandResult:
+    stdout: str
+    stderr: str
+    returncode: int
+
+
+class GuestError(Exception):
+    """The guest did not answer in time, or the VM died."""
+
+
+class GuestVm:
+    """One running VM. Use as a context manager; it is killed on exit."""
+
+    def __init__(self, kernel: str, initrd: str, workdir: str, cpus: int = 1, mem: int = 256,
+                 params: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.console_path = os.path.join(workdir, "console.log")
+        self.log_path = os.path.join(workdir, "crosvm.log")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        cmdline = " ".join((os.environ.get("CROSVM_TEST_CMDLINE", HOST_CMDLINE),
+                            "pycrosvm.mode=agent") + tuple(params))
+        self.args = [sys.executable, "-m", "crosvm", "run",
+                     "--cpus", str(cpus), "--mem", str(mem), "--initrd", initrd,
+                     "--serial", f"type=file,path={self.console_path},num=1,console",
+                     "--serial", f"type=file,path=/proc/self/fd/{out_w},"
+                                 f"input=/proc/self/fd/{in_r},num=2",
+                     "-p", cmdline, *extra_args, kernel]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, pass_fds=(out_w, in_r), stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        os.close(out_w)
+        os.close(in_r)
+        self._in = in_w
+        self._out = out_r
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        buf = b""
+        while True:
+            try:
+                data = os.read(self._out, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self._eof = True
+                    self._cond.notify_all()
+                return
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            with self._cond:
+                self._lines.extend(line.decode(errors="replace").rstrip("\r") for line in lines)
+                self._cond.notify_all()
+
+    def _next_line(self, deadline: float) -> str:
+        with self._cond:
+            while not self._lines:
+                if self._eof or self.proc.poll() is not None:
+                    raise GuestError(f"VM exited (status {self.proc.poll()}); "
+                                     f"log: {self.log_tail()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GuestError(f"guest did not answer in time; log: {self.log_tail()}")
+                self._cond.wait(min(remaining, 1.0))
+            return self._lines.pop(0)
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Wait until the agent says @@READY; returns seconds since launch."""
+        start = time.monotonic()
+        deadline = start + timeout
+        while self._next_line(deadline) != "@@READY":
+            pass
+        return time.monotonic() - start
+
+    def send(self, command: str) -> None:
+        """Send a command without waiting for an answer (e.g. poweroff)."""
+        if "\n" in command:
+            raise ValueError("agent commands are single lines")
+        os.write(self._in, command.encode() + b"\n")
+
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
+        """Run a shell command in the guest and return its output and status."""
+        self.send(command)
+        deadline = time.monotonic() + timeout
+        while self._next_line(deadline) != "@@BEGIN":
+            pass
+        out: list[str] = []
+        err: list[str] = []
+        while True:
+            line = self._next_line(deadline)
+            if line.startswith("@@END "):
+                return CommandResult("".join(out), "".join(err), int(line[6:]))
+            tag, _, text = line.partition(":")
+            target = out if tag[0] == "O" else err
+            target.append(text if tag.endswith("-") else text + "\n")
+
+    def wait_exit(self, timeout: float = BOOT_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def console(self) -> str:
+        try:
+            with open(self.console_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = 2000) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            text = f.read().decode(errors="replace")
+        return text[-n:] + "\n--- console ---\n" + self.console()[-n:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in (self._in, self._out):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._log.close()
+
+    def __enter__(self) -> "GuestVm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
