@@ -32,8 +32,13 @@ class Variant:
 class Item:
     key: str | None
     value: Any            # str, True (bare key), list[Item], or Variant
-    pos: int
+    pos: int                 # where the item (its key, if any) starts
     quoted: bool = False
+    vpos: int = -1           # where its value starts
+
+    def __post_init__(self) -> None:
+        if self.vpos < 0:
+            self.vpos = self.pos
 
 
 class _Parser:
@@ -117,7 +122,7 @@ class _Parser:
                     self.i += 1
                     vpos = self.i
                     value, quoted = self.value()
-                    items.append(Item(w, value, vpos, quoted))
+                    items.append(Item(w, value, pos, quoted, vpos))
                 elif self.peek() == "[":
                     items.append(Item(None, Variant(w, self.bracketed()), pos))
                 else:
@@ -155,9 +160,12 @@ def parse_int(text: str) -> int:
     if body[:2].lower() in ("0x", "0o", "0b"):
         base = {"x": 16, "o": 8, "b": 2}[body[1].lower()]
         body = body[2:]
-    if not body or not all(c.isalnum() for c in body):
+    try:
+        value = int(body, base) if body.isalnum() else None
+    except ValueError:
+        value = None
+    if value is None:
         raise ValueError(f"invalid number '{text}'")
-    value = int(body, base)
     return -value if neg else value
 
 
@@ -260,11 +268,11 @@ def from_items(schema: Schema, items: list[Item]) -> dict[str, Any]:
         if f.name in out:
             raise KeyValueError(f"duplicate field `{f.name}` at position {item.pos}")
         if isinstance(value, (list, Variant)) and f.type != "raw":
-            raise KeyValueError(f"`{f.name}` does not take a list at position {item.pos}")
+            raise KeyValueError(f"`{f.name}` does not take a list at position {item.vpos}")
         try:
             out[f.name] = convert(f, value)
         except ValueError as e:
-            raise KeyValueError(f"{e} at position {item.pos}") from None
+            raise KeyValueError(f"{e} at position {item.vpos}") from None
     return out
 
 

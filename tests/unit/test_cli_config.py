@@ -1,0 +1,192 @@
+"""Command-line parsing, --cfg merging and crosvm's serial rules."""
+
+import json
+
+import pytest
+
+from crosvm.cli.config_file import ConfigFileError, build_config, load_cfg, merge
+from crosvm.cli.main import UsageError, main, parse_run_args
+from crosvm.config import Config, ConfigError, SerialParameters, validate_serial
+from crosvm.vmm.run import kernel_cmdline
+
+
+def config_from(args):
+    values, cfgs = parse_run_args(args)
+    merged = {}
+    for c in cfgs:
+        merged = merge(merged, load_cfg(c))
+    return build_config(merge(merged, values))
+
+
+def test_mem_cpus_params_initrd_and_kernel():
+    cfg = config_from(["--mem", "512", "-c", "2", "-p", "a=1", "--params", "b", "-i", "rd",
+                       "vmlinux"])
+
+    assert (cfg.mem_mib, cfg.cpus, cfg.params, cfg.initrd, cfg.kernel) == (
+        512, 2, ["a=1", "b"], "rd", "vmlinux")
+
+
+def test_keyed_forms_and_equals_syntax():
+    cfg = config_from(["--mem=size=1024", "--cpus", "num-cores=3", "k"])
+
+    assert (cfg.mem_mib, cfg.cpus) == (1024, 3)
+
+
+def test_unknown_option_is_usage_error():
+    with pytest.raises(UsageError, match="unrecognized argument: --frobnicate"):
+        parse_run_args(["--frobnicate", "k"])
+
+
+def test_main_returns_35_on_unknown_option(capsys):
+    assert main(["run", "--frobnicate", "k"]) == 35
+    assert "unrecognized argument: --frobnicate" in capsys.readouterr().err
+
+
+def test_main_returns_35_on_unknown_command():
+    assert main(["frobnicate"]) == 35
+
+
+def test_version_prints_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("crosvm ")
+
+
+def test_run_help_documents_every_serial_key(capsys):
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("type=", "hardware=", "num=", "path=", "input=", "console=", "earlycon=",
+                "stdin=", "out-timestamp="):
+        assert key in out
+
+
+def test_serial_option_builds_parameters():
+    cfg = config_from(["--serial", "type=file,path=/tmp/x,num=2,console", "k"])
+
+    assert cfg.serial == [SerialParameters(type="file", path="/tmp/x", num=2, console=True)]
+
+
+def test_hypervisor_variant_sets_device():
+    cfg = config_from(["--hypervisor", "kvm[device=/dev/other]", "k"])
+
+    assert cfg.hypervisor_device == "/dev/other"
+
+
+def test_hypervisor_unknown_variant_rejected():
+    with pytest.raises(UsageError, match="unknown variant `xen`"):
+        parse_run_args(["--hypervisor", "xen", "k"])
+
+
+def test_single_value_option_given_twice_is_rejected():
+    with pytest.raises(UsageError, match="given more than once"):
+        parse_run_args(["--mem", "1", "--mem", "2", "k"])
+
+
+def test_cfg_file_values_used(tmp_path):
+    f = tmp_path / "vm.json"
+    f.write_text(json.dumps({"kernel": "/k", "cpus": {"num-cores": 4}, "mem": {"size": 2048},
+                             "serial": [{"type": "stdout", "console": True}]}))
+
+    cfg = config_from(["--cfg", str(f)])
+
+    assert (cfg.kernel, cfg.cpus, cfg.mem_mib) == ("/k", 4, 2048)
+    assert cfg.serial == [SerialParameters(type="stdout", console=True)]
+
+
+def test_command_line_overrides_scalars_and_extends_lists(tmp_path):
+    f = tmp_path / "vm.json"
+    f.write_text(json.dumps({"kernel": "/k", "mem": {"size": 2048}, "params": ["a"]}))
+
+    cfg = config_from(["--mem", "512", "--params", "b", "--cfg", str(f)])
+
+    assert cfg.mem_mib == 512
+    assert cfg.params == ["a", "b"]
+
+
+def test_included_files_apply_first_and_parent_wins(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps({"mem": {"size": 1}, "params": ["base"]}))
+    (tmp_path / "more.json").write_text(json.dumps({"mem": {"size": 2}, "params": ["more"]}))
+    (tmp_path / "vm.json").write_text(json.dumps(
+        {"mem": {"size": 3}, "cfg": ["base.json", "more.json"], "params": ["top"]}))
+
+    values = load_cfg(str(tmp_path / "vm.json"))
+
+    assert values["mem"] == {"size": 3}
+    assert values["params"] == ["base", "more", "top"]
+
+
+def test_later_cfg_overrides_earlier(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"kernel": "/a", "cpus": {"num-cores": 2}}))
+    (tmp_path / "b.json").write_text(json.dumps({"cpus": {"num-cores": 3}}))
+
+    cfg = config_from(["--cfg", str(tmp_path / "a.json"), "--cfg", str(tmp_path / "b.json")])
+
+    assert (cfg.kernel, cfg.cpus) == ("/a", 3)
+
+
+def test_cfg_unknown_key_is_error(tmp_path):
+    (tmp_path / "vm.json").write_text(json.dumps({"frobnicate": 1}))
+
+    with pytest.raises(ConfigFileError, match="unknown option `frobnicate`"):
+        load_cfg(str(tmp_path / "vm.json"))
+
+
+def test_cfg_unknown_nested_key_is_error(tmp_path):
+    (tmp_path / "vm.json").write_text(json.dumps({"mem": {"bytes": 1}}))
+
+    with pytest.raises(ConfigFileError, match="unknown field `bytes`"):
+        load_cfg(str(tmp_path / "vm.json"))
+
+
+def test_cfg_invalid_json_names_line(tmp_path):
+    (tmp_path / "vm.json").write_text('{\n "kernel": }')
+
+    with pytest.raises(ConfigFileError, match="invalid JSON at line 2"):
+        load_cfg(str(tmp_path / "vm.json"))
+
+
+def test_cfg_include_loop_is_error(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"cfg": ["b.json"]}))
+    (tmp_path / "b.json").write_text(json.dumps({"cfg": ["a.json"]}))
+
+    with pytest.raises(ConfigFileError, match="loop"):
+        load_cfg(str(tmp_path / "a.json"))
+
+
+def test_cfg_file_cannot_hold_cli_only_option(tmp_path):
+    (tmp_path / "vm.json").write_text(json.dumps({"kvm-device": "/dev/kvm"}))
+
+    with pytest.raises(ConfigFileError, match="unknown option `kvm-device`"):
+        load_cfg(str(tmp_path / "vm.json"))
+
+
+@pytest.mark.parametrize("ports, message", [
+    ([SerialParameters(num=1), SerialParameters(num=1)], "more than once"),
+    ([SerialParameters(num=1, console=True), SerialParameters(num=2, console=True)],
+     "only one port can be the console"),
+    ([SerialParameters(num=1, stdin=True), SerialParameters(num=2, stdin=True)],
+     "only one port can read stdin"),
+    ([SerialParameters(num=1, earlycon=True), SerialParameters(num=2, earlycon=True)],
+     "only one port can be earlycon"),
+    ([SerialParameters(num=5)], "between 1 and 4"),
+    ([SerialParameters(type="file")], "needs path="),
+    ([SerialParameters(stdin=True, input="/x")], "cannot both"),
+    ([SerialParameters(hardware="virtio-console")], "not supported yet"),
+])
+def test_serial_rules(ports, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_serial(ports)
+
+
+def test_default_serial_is_stdout_console_on_com1():
+    cfg = Config(kernel="k")
+
+    assert cfg.serial_ports() == [SerialParameters(type="stdout", num=1, console=True,
+                                                   stdin=True)]
+
+
+def test_cmdline_order_base_console_earlycon_params():
+    cfg = Config(kernel="k", params=["root=/dev/vda"],
+                 serial=[SerialParameters(num=2, console=True, earlycon=True)])
+
+    assert kernel_cmdline(cfg) == ("panic=-1 console=ttyS1 earlycon=uart8250,io,0x2f8 "
+                                   "root=/dev/vda")

@@ -1,0 +1,174 @@
+"""16550A register behaviour."""
+
+from crosvm.devices import serial as S
+
+
+class Irq:
+    def __init__(self):
+        self.count = 0
+
+    def signal(self):
+        self.count += 1
+
+
+class Out:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+
+def make():
+    irq, out = Irq(), Out()
+    return S.Serial(irq, out), irq, out
+
+
+def rd(dev, offset):
+    buf = bytearray(1)
+    dev.read(offset, 0x3F8 + offset, memoryview(buf))
+    return buf[0]
+
+
+def wr(dev, offset, value):
+    dev.write(offset, 0x3F8 + offset, bytes([value]))
+
+
+def test_thr_write_goes_to_output():
+    dev, _, out = make()
+
+    wr(dev, S.DATA, ord("A"))
+
+    assert out.data == b"A"
+
+
+def test_lsr_reports_transmitter_empty():
+    dev, _, _ = make()
+
+    assert rd(dev, S.LSR) & (S.LSR_EMPTY_BIT | S.LSR_IDLE_BIT) == 0x60
+
+
+def test_dlab_redirects_data_and_ier_to_divisor():
+    dev, _, out = make()
+    wr(dev, S.LCR, S.LCR_DLAB_BIT)
+
+    wr(dev, S.DATA, 0x01)
+    wr(dev, S.IER, 0x02)
+
+    assert rd(dev, S.DATA) == 0x01
+    assert rd(dev, S.IER) == 0x02
+    assert dev.baud_divisor == 0x0201
+    assert out.data == b""
+
+
+def test_ier_keeps_only_four_bits():
+    dev, _, _ = make()
+
+    wr(dev, S.IER, 0xFF)
+
+    assert rd(dev, S.IER) == 0x0F
+
+
+def test_enabling_thr_interrupt_raises_it_at_once():
+    dev, irq, _ = make()
+
+    wr(dev, S.IER, S.IER_THR_BIT)
+
+    assert irq.count == 1
+    assert rd(dev, S.IIR) & 0x0F == S.IIR_THR_BIT
+
+
+def test_reading_iir_acknowledges_thr_interrupt():
+    dev, _, _ = make()
+    wr(dev, S.IER, S.IER_THR_BIT)
+
+    rd(dev, S.IIR)
+
+    assert rd(dev, S.IIR) & 0x0F == S.IIR_NONE_BIT
+
+
+def test_write_with_thr_interrupt_enabled_signals_again():
+    dev, irq, _ = make()
+    wr(dev, S.IER, S.IER_THR_BIT)
+
+    wr(dev, S.DATA, ord("x"))
+
+    assert irq.count == 2
+
+
+def test_input_sets_data_ready_and_interrupts_when_enabled():
+    dev, irq, _ = make()
+    wr(dev, S.IER, S.IER_RECV_BIT)
+
+    dev.queue_input_bytes(b"hi")
+
+    assert irq.count == 1
+    assert rd(dev, S.LSR) & S.LSR_DATA_BIT
+    assert rd(dev, S.IIR) & 0x0F == S.IIR_RECV_BIT
+    assert bytes([rd(dev, S.DATA), rd(dev, S.DATA)]) == b"hi"
+    assert not rd(dev, S.LSR) & S.LSR_DATA_BIT
+
+
+def test_input_without_receive_interrupt_enabled_does_not_interrupt():
+    dev, irq, _ = make()
+
+    dev.queue_input_bytes(b"x")
+
+    assert irq.count == 0
+
+
+def test_fcr_enables_fifo_bits_in_iir():
+    dev, _, _ = make()
+
+    wr(dev, S.FCR, S.FCR_FIFO_ENABLE)
+
+    assert rd(dev, S.IIR) & S.IIR_FIFO_BITS == S.IIR_FIFO_BITS
+
+
+def test_fcr_clear_rx_drops_pending_input():
+    dev, _, _ = make()
+    dev.queue_input_bytes(b"abc")
+
+    wr(dev, S.FCR, S.FCR_FIFO_ENABLE | S.FCR_CLEAR_RX)
+
+    assert not rd(dev, S.LSR) & S.LSR_DATA_BIT
+
+
+def test_loopback_returns_written_byte_and_not_output():
+    dev, _, out = make()
+    wr(dev, S.MCR, S.MCR_LOOP_BIT)
+
+    wr(dev, S.DATA, 0x5A)
+
+    assert rd(dev, S.DATA) == 0x5A
+    assert out.data == b""
+
+
+def test_loopback_msr_mirrors_mcr_outputs():
+    dev, _, _ = make()
+
+    wr(dev, S.MCR, S.MCR_LOOP_BIT | S.MCR_OUT2_BIT | S.MCR_RTS_BIT)
+
+    assert rd(dev, S.MSR) & 0xF0 == S.MSR_DCD_BIT | S.MSR_CTS_BIT
+
+
+def test_msr_without_loopback_reports_carrier():
+    dev, _, _ = make()
+
+    assert rd(dev, S.MSR) == S.MSR_DCD_BIT | S.MSR_DSR_BIT | S.MSR_CTS_BIT
+
+
+def test_scratch_register_holds_value():
+    dev, _, _ = make()
+
+    wr(dev, S.SCR, 0xA5)
+
+    assert rd(dev, S.SCR) == 0xA5
+
+
+def test_multi_byte_access_is_ignored():
+    dev, _, out = make()
+
+    dev.write(S.DATA, 0x3F8, b"ab")
+
+    assert out.data == b""
