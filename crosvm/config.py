@@ -51,7 +51,14 @@ class Config:
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
+        """The --serial options as given (crosvm's default console when none are)."""
         return self.serial or [default_serial()]
+
+    def uarts(self) -> list[SerialParameters]:
+        """All four legacy UARTs, as crosvm always creates them: unnamed ones are sinks."""
+        given = {p.num: p for p in self.serial_ports() if p.hardware == "serial"}
+        return [given.get(num, SerialParameters(type="sink", num=num))
+                for num in range(1, MAX_SERIAL_PORTS + 1)]
 
     def validate(self) -> None:
         if not self.kernel:

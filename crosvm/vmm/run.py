@@ -93,7 +93,7 @@ class Vm:
 
     def _add_devices(self) -> None:
         cfg = self.cfg
-        for params in sorted(cfg.serial_ports(), key=lambda p: p.num):
+        for params in cfg.uarts():
             out = open_output(params)
             if out is not None:
                 self._closers.append(out.close)

@@ -190,3 +190,10 @@ def test_cmdline_order_base_console_earlycon_params():
 
     assert kernel_cmdline(cfg) == ("panic=-1 console=ttyS1 earlycon=uart8250,io,0x2f8 "
                                    "root=/dev/vda")
+
+
+def test_all_four_uarts_exist_and_unnamed_ones_are_sinks():
+    cfg = Config(kernel="k", serial=[SerialParameters(type="stdout", num=2)])
+
+    assert [(p.num, p.type) for p in cfg.uarts()] == [(1, "sink"), (2, "stdout"), (3, "sink"),
+                                                     (4, "sink")]

@@ -126,3 +126,16 @@ def test_serial_first_value_is_type():
 def test_non_boolean_bare_word_after_first_is_rejected():
     with pytest.raises(kv.KeyValueError, match="`num` is not a boolean field"):
         parse(SERIAL_SCHEMA, "stdout,num")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab=,[]\"'\\ 0x1-")), max_size=30))
+def test_any_input_parses_or_raises_keyvalue_error(text):
+    try:
+        parse(BLOCK, text)
+    except kv.KeyValueError:
+        pass
