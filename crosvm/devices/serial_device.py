@@ -73,11 +73,13 @@ class SyslogOutput:
 
 
 class UnixOutput:
-    """A datagram socket connected to `path`; output is dropped while no one listens."""
+    """A datagram socket connected to `path`: output is sent there (dropped while no one
+    listens) and datagrams the peer sends back are the port's input."""
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
+            self.sock.bind("")   # autobind, so the peer can answer with guest input
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()

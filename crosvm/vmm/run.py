@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import termios
 import tty
 
@@ -146,6 +147,8 @@ class Vm:
 
     def run(self) -> ExitCode:
         install_kick_handler()
+        # SIGTERM stops the VM like `crosvm stop`, so the terminal gets restored.
+        signal.signal(signal.SIGTERM, lambda *_: self.exit_state.request(ExitCode.SUCCESS))
         self.exit_state.add_listener(self._kick_all)
         for t in self._input_threads:
             t.start()

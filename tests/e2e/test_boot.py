@@ -1,7 +1,7 @@
 """End-to-end: boot the real test kernel with `crosvm run` and check it from inside.
 
-One VM (2 vCPUs, 256 MiB) answers many checks; power-off and reboot need VMs of
-their own because they end the VM.
+One VM (2 vCPUs, 256 MiB) answers many checks; power-off and reboot, which end
+the VM, are in test_power.py.
 """
 
 from __future__ import annotations
@@ -104,24 +104,3 @@ def test_i8042_keyboard_is_found(vm):
     result = vm.run("cat /proc/bus/input/devices")
 
     assert "AT Translated Set 2 keyboard" in result.stdout
-
-
-def test_guest_poweroff_exits_0(bzimage, initramfs, tmp_path):
-    # Boots the bzImage, so this also proves the bzImage loader end to end.
-    with GuestVm(bzimage, initramfs, str(tmp_path), cpus=1, mem=128) as guest:
-        guest.wait_ready()
-        guest.send("poweroff -f")
-
-        code = guest.wait_exit()
-
-    assert code == 0
-
-
-def test_guest_reboot_exits_32(kernel, initramfs, tmp_path):
-    with GuestVm(kernel, initramfs, str(tmp_path), cpus=1, mem=128) as guest:
-        guest.wait_ready()
-        guest.send("reboot -f")
-
-        code = guest.wait_exit()
-
-    assert code == 32
