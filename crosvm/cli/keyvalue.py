@@ -261,32 +261,37 @@ def from_items(schema: Schema, items: list[Item]) -> dict[str, Any]:
             else:
                 raise KeyValueError(f"`{value}` is not a boolean field (write key=value) "
                                     f"at position {item.pos}")
-        f = schema.lookup(key)
-        if f is None:
-            raise KeyValueError(f"unknown field `{key}`, expected one of {schema.names()} "
-                                f"at position {item.pos}")
+        f = _field(schema, key, "", f" at position {item.pos}")
         if f.name in out:
             raise KeyValueError(f"duplicate field `{f.name}` at position {item.pos}")
         if isinstance(value, (list, Variant)) and f.type != "raw":
             raise KeyValueError(f"`{f.name}` does not take a list at position {item.vpos}")
-        try:
-            out[f.name] = convert(f, value)
-        except ValueError as e:
-            raise KeyValueError(f"{e} at position {item.vpos}") from None
+        out[f.name] = _convert(f, value, "", f" at position {item.vpos}")
     return out
+
+
+def _field(schema: Schema, key: str, prefix: str, suffix: str) -> Field:
+    """The schema's field for `key`; the error names the valid keys and where it was."""
+    f = schema.lookup(key)
+    if f is None:
+        raise KeyValueError(f"{prefix}unknown field `{key}`, expected one of "
+                            f"{schema.names()}{suffix}")
+    return f
+
+
+def _convert(f: Field, value: Any, prefix: str, suffix: str) -> Any:
+    try:
+        return convert(f, value)
+    except ValueError as e:
+        raise KeyValueError(f"{prefix}{e}{suffix}") from None
 
 
 def from_mapping(schema: Schema, mapping: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate a JSON object against a schema (unknown keys are errors)."""
     out: dict[str, Any] = {}
     for key, value in mapping.items():
-        f = schema.lookup(key)
-        if f is None:
-            raise KeyValueError(f"{where}: unknown field `{key}`, expected one of {schema.names()}")
-        try:
-            out[f.name] = convert(f, value)
-        except ValueError as e:
-            raise KeyValueError(f"{where}: {e}") from None
+        f = _field(schema, key, f"{where}: ", "")
+        out[f.name] = _convert(f, value, f"{where}: ", "")
     return out
 
 
