@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 SERIAL_TYPES = ("stdout", "syslog", "sink", "file", "unix", "unix-stream")
 SERIAL_HARDWARE = ("serial", "virtio-console", "legacy-virtio-console", "debugcon")
-SUPPORTED_SERIAL_HARDWARE = ("serial",)
+SUPPORTED_SERIAL_HARDWARE = ("serial", "virtio-console")
 MAX_SERIAL_PORTS = 4
 
 
@@ -31,6 +31,22 @@ class SerialParameters:
     name: str | None = None
 
 
+@dataclass
+class DiskOption:
+    """One `--block` option (or a deprecated --disk/--rwdisk/--root/--rwroot)."""
+
+    path: str
+    ro: bool = False
+    root: bool = False
+    sparse: bool = True
+    direct: bool = False
+    block_size: int = 512
+    id: str | None = None
+
+
+MAX_DISKS = 26
+
+
 def default_serial() -> SerialParameters:
     """crosvm's default: COM1 is a stdout console that reads stdin."""
     return SerialParameters(type="stdout", num=1, console=True, stdin=True)
@@ -48,6 +64,8 @@ class Config:
     serial: list[SerialParameters] = field(default_factory=list)
     no_i8042: bool = False
     no_rtc: bool = False
+    no_rng: bool = False
+    disks: list[DiskOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -70,6 +88,29 @@ class Config:
         if self.mem_mib > 1 << 20:
             raise ConfigError(f"mem of {self.mem_mib} MiB is larger than this VMM supports")
         validate_serial(self.serial_ports())
+        validate_disks(self.disks)
+
+    def virtio_consoles(self) -> list[SerialParameters]:
+        return [p for p in self.serial_ports() if p.hardware == "virtio-console"]
+
+    def root_disk(self) -> tuple[int, DiskOption] | None:
+        """(index, disk) of the `root` disk; index 0 is vda."""
+        for i, d in enumerate(self.disks):
+            if d.root:
+                return i, d
+        return None
+
+
+def validate_disks(disks: list[DiskOption]) -> None:
+    if len(disks) > MAX_DISKS:
+        raise ConfigError(f"block: at most {MAX_DISKS} disks are supported, not {len(disks)}")
+    if sum(d.root for d in disks) > 1:
+        raise ConfigError("block: only one disk can be the root disk")
+    for d in disks:
+        if d.block_size < 512 or d.block_size & (d.block_size - 1):
+            raise ConfigError(f"block: block-size {d.block_size} is not a power of two >= 512")
+        if d.id is not None and len(d.id.encode()) > 20:
+            raise ConfigError(f"block: id '{d.id}' is longer than 20 bytes")
 
 
 def validate_serial(ports: list[SerialParameters]) -> None:
@@ -84,7 +125,7 @@ def validate_serial(ports: list[SerialParameters]) -> None:
             raise ConfigError(f"serial: invalid hardware '{p.hardware}'")
         if p.hardware not in SUPPORTED_SERIAL_HARDWARE:
             raise ConfigError(f"serial: hardware={p.hardware} is not supported yet "
-                              "(only hardware=serial)")
+                              "(only hardware=serial and hardware=virtio-console)")
         if p.type == "unix-stream":
             raise ConfigError("serial: type=unix-stream is not supported yet")
         if not 1 <= p.num <= MAX_SERIAL_PORTS:

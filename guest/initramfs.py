@@ -81,9 +81,11 @@ def build(out_path: str, busybox: str = DEFAULT_BUSYBOX) -> str:
         w.chardev("dev/null", 1, 3, 0o666)
         w.file("bin/busybox", busybox_data, 0o755)
         for applet in busybox_applets(busybox):
-            if applet not in ("bin/busybox",):
+            if applet not in ("bin/busybox", "bin/lspci", "usr/bin/lspci"):
                 w.symlink(applet, "/bin/busybox")
         w.file("init", init, 0o755)
+        with open(os.path.join(HERE, "lspci"), "rb") as f:
+            w.file("bin/lspci", f.read(), 0o755)
         w.file("etc/fstab", FSTAB)
         w.file("etc/profile", PROFILE)
         w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 
 
 class Event:
@@ -17,6 +18,12 @@ class Event:
     def wait(self) -> int:
         return os.eventfd_read(self.fd)
 
+    def drain(self) -> int:
+        """Reset the counter without blocking; returns what it was."""
+        if select.select([self.fd], [], [], 0)[0]:
+            return os.eventfd_read(self.fd)
+        return 0
+
     def fileno(self) -> int:
         return self.fd
 
@@ -30,3 +37,19 @@ class Event:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class IrqLevelEvent:
+    """A level-triggered interrupt line: the trigger irqfd plus KVM's resample event.
+
+    KVM lowers the line at the guest's EOI and signals `resample`; the device then
+    re-asserts if its interrupt is still pending.
+    """
+
+    def __init__(self) -> None:
+        self.trigger = Event()
+        self.resample = Event()
+
+    def close(self) -> None:
+        self.trigger.close()
+        self.resample.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-from crosvm.config import Config, SerialParameters
+from crosvm.config import Config, DiskOption, SerialParameters
 
 MAX_CFG_DEPTH = 16
 
@@ -47,7 +47,7 @@ def _normalize_one(opt: Option, value: Any, where: str) -> Any:
         if opt.kind == "keyvalue":
             schema = opt.schema
             if isinstance(value, str):
-                return kv.from_items(schema, kv.parse(value))
+                return {**kv.from_items(schema, kv.parse(value)), **(opt.implied or {})}
             if isinstance(value, int) and not isinstance(value, bool) and len(schema.fields) == 1:
                 return {schema.fields[0].name: value}
             if isinstance(value, dict):
@@ -147,4 +147,8 @@ def build_config(values: dict[str, Any]) -> Config:
         cfg.hypervisor_device = hyp["kvm"].get("device", "/dev/kvm")
     cfg.no_i8042 = bool(values.get("no-i8042", False))
     cfg.no_rtc = bool(values.get("no-rtc", False))
+    cfg.no_rng = bool(values.get("no-rng", False))
+    for b in values.get("block", []):
+        full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
+        cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))
     return cfg

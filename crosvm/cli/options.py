@@ -28,6 +28,7 @@ class Option:
     metavar: str = "VALUE"
     in_config: bool = True         # may appear in a --cfg file
     deprecated: str | None = None  # the option to use instead
+    implied: dict | None = None    # keys a deprecated alias sets (--root: root=true, ro=true)
 
     @property
     def config_key(self) -> str:
@@ -51,6 +52,18 @@ SERIAL_SCHEMA = Schema([
     Field("name", "str", None, "name of a virtio-console port"),
 ])
 
+BLOCK_SCHEMA = Schema([
+    Field("path", "path", None, "disk image", required=True),
+    Field("ro", "bool", False, "read-only disk"),
+    Field("root", "bool", False, "use as the root device (adds root=/dev/vdX)"),
+    Field("sparse", "bool", True, "allow discard to free host blocks"),
+    Field("direct", "bool", False, "open with O_DIRECT", aliases=("o_direct",)),
+    Field("block-size", "int", 512, "reported block size in bytes", aliases=("block_size",)),
+    Field("id", "str", None, "serial id, at most 20 bytes"),
+])
+# The deprecated aliases take the old keys only; ro/root come from the option itself.
+OLD_DISK_SCHEMA = Schema([f for f in BLOCK_SCHEMA.fields if f.name not in ("ro", "root")])
+
 CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
 MEM_SCHEMA = Schema([Field("size", "int", 256, "guest memory in MiB")])
 KVM_SCHEMA = Schema([Field("device", "path", "/dev/kvm", "path to the KVM device")])
@@ -68,6 +81,20 @@ RUN_OPTIONS: list[Option] = [
            "argument", value_type="path", metavar="PATH"),
     Option("serial", "keyvalue", "a serial port (may repeat)", multi=True, schema=SERIAL_SCHEMA,
            metavar="type=TYPE,..."),
+    Option("block", "keyvalue", "a virtio block device (may repeat; vda, vdb, ... in order)",
+           short="b", multi=True, schema=BLOCK_SCHEMA, metavar="PATH[,key=value...]"),
+    Option("disk", "keyvalue", "read-only disk", short="d", key="block", multi=True,
+           schema=OLD_DISK_SCHEMA, deprecated="--block PATH,ro", in_config=False,
+           implied={"ro": True}, metavar="PATH"),
+    Option("rwdisk", "keyvalue", "writable disk", key="block", multi=True,
+           schema=OLD_DISK_SCHEMA, deprecated="--block PATH", in_config=False,
+           implied={"ro": False}, metavar="PATH"),
+    Option("root", "keyvalue", "read-only root disk", short="r", key="block", multi=True,
+           schema=OLD_DISK_SCHEMA, deprecated="--block PATH,root,ro", in_config=False,
+           implied={"ro": True, "root": True}, metavar="PATH"),
+    Option("rwroot", "keyvalue", "writable root disk", key="block", multi=True,
+           schema=OLD_DISK_SCHEMA, deprecated="--block PATH,root", in_config=False,
+           implied={"ro": False, "root": True}, metavar="PATH"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",
@@ -75,6 +102,7 @@ RUN_OPTIONS: list[Option] = [
            metavar="PATH"),
     Option("no-i8042", "flag", "do not emulate the i8042 keyboard controller"),
     Option("no-rtc", "flag", "do not emulate the CMOS real-time clock"),
+    Option("no-rng", "flag", "do not add a virtio-rng device"),
     Option("disable-sandbox", "flag", "run devices without a sandbox (devices are not "
            "sandboxed yet either way)"),
     Option("cfg", "value", "JSON configuration file (may repeat; the command line wins)",

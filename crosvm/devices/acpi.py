@@ -40,7 +40,8 @@ class AcpiPm(BusDevice):
 
     def ranges(self) -> list[tuple[int, int]]:
         p = self.ports
-        return [(p.pm1_evt, 4), (p.pm1_cnt, 2), (p.gpe0, 4), (p.reset, 1)]
+        # The reset port (0xCF9) is inside PCI's 0xCF8 range; PciConfigIo forwards it.
+        return [(p.pm1_evt, 4), (p.pm1_cnt, 2), (p.gpe0, 4)]
 
     def read(self, offset: int, address: int, data: memoryview) -> None:
         p = self.ports

@@ -20,11 +20,17 @@ from crosvm.devices.bus import Bus
 from crosvm.devices.cmos import Cmos
 from crosvm.devices.i8042 import I8042
 from crosvm.devices.serial import Serial
+from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
+from crosvm.devices.virtio.block import Block
+from crosvm.devices.virtio.console import Console
+from crosvm.devices.virtio.rng import Rng
+from crosvm.disk import DiskError, RawDisk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vmm.exit import ExitCode, ExitState
+from crosvm.vmm.pci import PciSetup
 from crosvm.vmm.vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger("crosvm")
@@ -46,13 +52,18 @@ class SetupError(Exception):
 
 
 def kernel_cmdline(cfg: Config) -> str:
-    """crosvm's order: the base line, then serial console options, then -p params."""
+    """crosvm's order: the base line, serial console options, the root disk, -p params."""
     parts = [BASE_CMDLINE]
     for p in cfg.serial_ports():
         if p.console:
-            parts.append(f"console=ttyS{p.num - 1}")
+            tty = "hvc" if p.hardware == "virtio-console" else "ttyS"
+            parts.append(f"console={tty}{p.num - 1}")
         if p.earlycon:
             parts.append(f"earlycon=uart8250,io,{SERIAL_PORTS[p.num]:#x}")
+    root = cfg.root_disk()
+    if root is not None:
+        index, disk = root
+        parts.append(f"root=/dev/vd{chr(ord('a') + index)} {'ro' if disk.ro else 'rw'}")
     parts.extend(cfg.params)
     return " ".join(parts)
 
@@ -80,7 +91,9 @@ class Vm:
         self.vm.create_pit()
         self.pm_ports = PmPorts()
         self._irq_events: dict[int, Event] = {}
+        self._cpuid = self.kvm.supported_cpuid()
         self._add_devices()
+        self._add_pci_devices()
         self._load()
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
 
@@ -116,6 +129,32 @@ class Vm:
         pm = AcpiPm(self.pm_ports, self.exit_state.poweroff, self.exit_state.reset)
         for base, length in pm.ranges():
             self.io_bus.insert(pm, base, length)
+        self.acpi_pm = pm
+
+    def _add_pci_devices(self) -> None:
+        """Bus 0 in a fixed order, so one command line always gives the same `lspci`."""
+        cfg = self.cfg
+        self.pci = PciSetup(self.vm, self.mem, self.io_bus, self.mmio_bus, self.mem_size,
+                            phys_address_bits(self._cpuid), reset_port=self.acpi_pm)
+        self._closers.append(self.pci.close)
+        for disk in cfg.disks:
+            raw = RawDisk(disk.path, read_only=disk.ro, direct=disk.direct, sparse=disk.sparse)
+            self.pci.add_virtio(Block(raw, disk.block_size,
+                                      disk.id.encode() if disk.id is not None else None))
+        if not cfg.no_rng:
+            self.pci.add_virtio(Rng())
+        for params in cfg.virtio_consoles():
+            out = open_output(params)
+            if out is not None:
+                self._closers.append(out.close)
+            console = Console(out, label=f"console{params.num}")
+            self.pci.add_virtio(console)
+            in_fd = open_input(params, out)
+            if in_fd is not None:
+                self._input_threads.append(
+                    InputThread(in_fd, console, name=f"console{params.num}_input"))
+        self.pci.add(PvPanic(lambda: self.exit_state.request(
+            ExitCode.GUEST_PANIC, "the guest kernel panicked")))
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -124,12 +163,11 @@ class Vm:
         if cfg.initrd:
             initrd = load_initrd(self.mem, cfg.initrd, kernel.end, initrd_addr_max(kernel))
         write_boot_data(self.mem, kernel, kernel_cmdline(cfg), self.mem_size, initrd,
-                        cfg.cpus, self.pm_ports, i8042=not cfg.no_i8042, rtc=not cfg.no_rtc)
+                        cfg.cpus, self.pm_ports, i8042=not cfg.no_i8042, rtc=not cfg.no_rtc,
+                        pci=self.pci.layout())
         self.kernel = kernel
 
     def _create_vcpu(self, index: int) -> VcpuThread:
-        if index == 0:
-            self._cpuid = self.kvm.supported_cpuid()
         vcpu = self.vm.create_vcpu(index)
         vcpu.set_cpuid(adjust_cpuid(self._cpuid, index, self.cfg.cpus))
         vcpu.set_msrs(R.boot_msrs(phys_address_bits(self._cpuid)))
@@ -196,7 +234,7 @@ def run_config(cfg: Config) -> ExitCode:
     try:
         cfg.validate()
         vm = Vm(cfg)
-    except (ConfigError, KernelLoaderError, BootError) as e:
+    except (ConfigError, KernelLoaderError, BootError, DiskError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
     except (KvmError, GuestMemoryError, SerialError, OSError) as e:

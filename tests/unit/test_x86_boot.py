@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from crosvm.arch.x86_64 import acpi as A
+from crosvm.arch.x86_64 import aml
 from crosvm.arch.x86_64 import bootparam as BP
 from crosvm.arch.x86_64 import layout as L
 from crosvm.arch.x86_64 import regs as R
@@ -190,5 +191,5 @@ def test_dsdt_declares_s5():
 
 
 def test_aml_pkglength_multi_byte():
-    assert A.aml_pkglength(0x3E) == bytes([0x3F])
-    assert A.aml_pkglength(0x3F) == bytes([0x41, 0x04])   # total 0x41 with both bytes
+    assert aml.pkglength(0x3E) == bytes([0x3F])
+    assert aml.pkglength(0x3F) == bytes([0x41, 0x04])   # total 0x41 with both bytes

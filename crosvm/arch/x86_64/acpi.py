@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from crosvm.arch.x86_64 import aml
 from crosvm.arch.x86_64 import layout as L
 from crosvm.arch.x86_64.mptable import checksum
 
@@ -54,36 +55,65 @@ def gas_none() -> bytes:
     return bytes(12)
 
 
-def aml_pkglength(length_of_rest: int) -> bytes:
-    """PkgLength encoding: `length_of_rest` excludes the PkgLength bytes themselves."""
-    for nbytes in (1, 2, 3, 4):
-        total = length_of_rest + nbytes
-        if nbytes == 1 and total < 0x40:
-            return bytes([total])
-        if nbytes > 1 and total < 1 << (4 + 8 * (nbytes - 1)):
-            first = ((nbytes - 1) << 6) | (total & 0xF)
-            rest = (total >> 4).to_bytes(nbytes - 1, "little")
-            return bytes([first]) + rest
-    raise ValueError("AML package too long")
+@dataclass(frozen=True)
+class PciLayout:
+    """What the firmware tables say about PCI: ECAM, the MMIO windows, INTx routing."""
+
+    ecam_base: int = L.PCIE_ECAM_START
+    ecam_size: int = L.PCIE_ECAM_SIZE
+    low_mmio: tuple[int, int] = (L.END_ADDR_BEFORE_32BITS,
+                                 L.PCIE_ECAM_START - L.END_ADDR_BEFORE_32BITS)
+    high_mmio: tuple[int, int] | None = None
+    intx: tuple[tuple[int, int, int], ...] = ()  # (slot, pin 0=INTA, GSI)
+
+    @property
+    def last_bus(self) -> int:
+        return self.ecam_size // (1 << 20) - 1
 
 
-def aml_byte(value: int) -> bytes:
-    if value == 0:
-        return b"\x00"
-    if value == 1:
-        return b"\x01"
-    return bytes([0x0A, value])
+PCI_CONFIG_IO_PORT = 0xCF8
 
 
-def aml_name_package(name: bytes, values: list[int]) -> bytes:
-    """Name(NAME, Package() {values})."""
-    elements = bytes([len(values)]) + b"".join(aml_byte(v) for v in values)
-    return b"\x08" + name + b"\x12" + aml_pkglength(len(elements)) + elements
+def _pci_root_bridge(pci: PciLayout) -> bytes:
+    windows = [aml.word_bus_number(0, pci.last_bus), aml.io_port(PCI_CONFIG_IO_PORT, 8),
+               aml.dword_memory(*pci.low_mmio)]
+    if pci.high_mmio is not None:
+        windows.append(aml.qword_memory(*pci.high_mmio))
+    routes = [aml.package([aml.integer(slot << 16 | 0xFFFF), aml.integer(pin), aml.integer(0),
+                           aml.integer(gsi)]) for slot, pin, gsi in pci.intx]
+    return aml.device(b"PC00", [
+        aml.name(b"_HID", aml.eisa_id("PNP0A08")),
+        aml.name(b"_CID", aml.eisa_id("PNP0A03")),
+        aml.name(b"_ADR", aml.integer(0)),
+        aml.name(b"_SEG", aml.integer(0)),
+        aml.name(b"_UID", aml.integer(0)),
+        aml.name(b"_CRS", aml.resource_template(windows)),
+        aml.name(b"_PRT", aml.package(routes)),
+    ])
 
 
-def build_dsdt() -> bytes:
-    aml = aml_name_package(b"_S5_", [SLP_TYP_S5, SLP_TYP_S5, 0, 0])
-    return sdt(b"DSDT", 6, aml)
+def _motherboard_resources(pci: PciLayout) -> bytes:
+    """PNP0C02 reserving ECAM, which Linux wants before it trusts MCFG."""
+    return aml.device(b"MB00", [
+        aml.name(b"_HID", aml.eisa_id("PNP0C02")),
+        aml.name(b"_UID", aml.integer(0)),
+        aml.name(b"_CRS", aml.resource_template(
+            [aml.memory32_fixed(pci.ecam_base, pci.ecam_size)])),
+    ])
+
+
+def build_dsdt(pci: PciLayout | None = None) -> bytes:
+    terms = [aml.name(b"_S5_", aml.package([aml.integer(SLP_TYP_S5)] * 2
+                                           + [aml.integer(0)] * 2))]
+    if pci is not None:
+        terms.append(aml.scope(b"\\_SB_", [_pci_root_bridge(pci), _motherboard_resources(pci)]))
+    return sdt(b"DSDT", 6, b"".join(terms))
+
+
+def build_mcfg(pci: PciLayout) -> bytes:
+    """One ECAM allocation: segment 0, buses 0..last."""
+    return sdt(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", pci.ecam_base, 0, 0,
+                                                  pci.last_bus, 0))
 
 
 FADT_WBINVD = 1 << 0
@@ -129,13 +159,20 @@ MADT_PCAT_COMPAT = 1
 MADT_LAPIC_ENABLED = 1
 
 
-def build_madt(num_cpus: int, ports: PmPorts) -> bytes:
+MADT_LEVEL_ACTIVE_LOW = 0b1111
+
+
+def build_madt(num_cpus: int, ports: PmPorts, pci_irqs: tuple[int, ...] = ()) -> bytes:
     entries = [struct.pack("<II", L.LAPIC_ADDR, MADT_PCAT_COMPAT)]
     for cpu in range(num_cpus):
         entries.append(struct.pack("<BBBBI", 0, 8, cpu, cpu, MADT_LAPIC_ENABLED))
     entries.append(struct.pack("<BBBBII", 1, 12, num_cpus, 0, L.IOAPIC_ADDR, 0))
     # The SCI is level triggered, active high.
     entries.append(struct.pack("<BBBBIH", 2, 10, 0, ports.sci_irq, ports.sci_irq, 0b1101))
+    # PCI INTx lines below 16 would otherwise be taken for edge-triggered ISA IRQs.
+    for irq in sorted(set(pci_irqs)):
+        if irq < 16:
+            entries.append(struct.pack("<BBBBIH", 2, 10, 0, irq, irq, MADT_LEVEL_ACTIVE_LOW))
     return sdt(b"APIC", 5, b"".join(entries))
 
 
@@ -152,7 +189,8 @@ def _align(addr: int, align: int = 16) -> int:
 
 
 def build_acpi_tables(num_cpus: int, ports: PmPorts, i8042: bool = True,
-                      rtc: bool = True, base: int = L.ACPI_START) -> tuple[bytes, int]:
+                      rtc: bool = True, base: int = L.ACPI_START,
+                      pci: PciLayout | None = None) -> tuple[bytes, int]:
     """All tables as one blob to place at `base`; returns (blob, RSDP address)."""
     rsdp_addr = base
     addr = _align(rsdp_addr + 36)
@@ -166,10 +204,13 @@ def build_acpi_tables(num_cpus: int, ports: PmPorts, i8042: bool = True,
         return at
 
     facs_addr = place(build_facs(), align=64)  # the spec requires 64-byte alignment
-    dsdt_addr = place(build_dsdt())
+    dsdt_addr = place(build_dsdt(pci))
     fadt_addr = place(build_fadt(dsdt_addr, facs_addr, ports, i8042, rtc))
-    madt_addr = place(build_madt(num_cpus, ports))
-    xsdt_addr = place(sdt(b"XSDT", 1, struct.pack("<QQ", fadt_addr, madt_addr)))
+    pci_irqs = tuple(gsi for _, _, gsi in pci.intx) if pci else ()
+    pointers = [fadt_addr, place(build_madt(num_cpus, ports, pci_irqs))]
+    if pci is not None:
+        pointers.append(place(build_mcfg(pci)))
+    xsdt_addr = place(sdt(b"XSDT", 1, struct.pack(f"<{len(pointers)}Q", *pointers)))
     blob = bytearray(addr - base)
     blob[0:36] = build_rsdp(xsdt_addr)
     for at, table in placed:

@@ -6,7 +6,7 @@ import ctypes
 
 from crosvm.arch.x86_64 import bootparam as BP
 from crosvm.arch.x86_64 import layout as L
-from crosvm.arch.x86_64.acpi import PmPorts, build_acpi_tables
+from crosvm.arch.x86_64.acpi import PciLayout, PmPorts, build_acpi_tables
 from crosvm.arch.x86_64.mptable import build_mptable
 from crosvm.kernel_loader import LoadedKernel
 from crosvm.vm_memory import GuestMemory
@@ -75,11 +75,11 @@ def build_zero_page(kernel: LoadedKernel, cmdline_len: int, mem_size: int,
 
 def write_boot_data(mem: GuestMemory, kernel: LoadedKernel, cmdline: str, mem_size: int,
                     initrd: tuple[int, int] | None, num_cpus: int, pm_ports: PmPorts,
-                    i8042: bool, rtc: bool) -> None:
+                    i8042: bool, rtc: bool, pci: PciLayout | None = None) -> None:
     raw = check_cmdline(cmdline, kernel)
     mem.write(L.CMDLINE_ADDR, raw)
     mem.write(L.MPTABLE_ADDR, build_mptable(num_cpus))
-    tables, rsdp = build_acpi_tables(num_cpus, pm_ports, i8042=i8042, rtc=rtc)
+    tables, rsdp = build_acpi_tables(num_cpus, pm_ports, i8042=i8042, rtc=rtc, pci=pci)
     mem.write(L.ACPI_START, tables)
     params = build_zero_page(kernel, len(raw) - 1, mem_size, initrd, rsdp)
     mem.write(L.ZERO_PAGE_ADDR, bytes(params))

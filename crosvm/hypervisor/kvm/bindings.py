@@ -174,6 +174,47 @@ KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+
+
+class kvm_irq_routing_irqchip(C.Structure):
+    _fields_ = [("irqchip", C.c_uint32), ("pin", C.c_uint32)]
+
+
+class kvm_irq_routing_msi(C.Structure):
+    _fields_ = [("address_lo", C.c_uint32), ("address_hi", C.c_uint32),
+                ("data", C.c_uint32), ("devid", C.c_uint32)]
+
+
+class _kvm_irq_routing_u(C.Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi),
+                ("pad", C.c_uint32 * 8)]
+
+
+class kvm_irq_routing_entry(C.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("gsi", C.c_uint32), ("type", C.c_uint32), ("flags", C.c_uint32),
+                ("pad", C.c_uint32), ("u", _kvm_irq_routing_u)]
+
+
+class kvm_irq_routing(C.Structure):
+    _fields_ = [("nr", C.c_uint32), ("flags", C.c_uint32)]
+
+
+def irq_routing_type(n: int) -> type:
+    """`struct kvm_irq_routing` with room for `n` entries."""
+    return type(f"kvm_irq_routing_{n}", (C.Structure,), {
+        "_fields_": [("nr", C.c_uint32), ("flags", C.c_uint32),
+                     ("entries", kvm_irq_routing_entry * n)]})
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
 
 class kvm_mp_state(C.Structure):
     _fields_ = [("mp_state", C.c_uint32)]
@@ -295,6 +336,7 @@ KVM_IRQ_LINE = iow(KVMIO, 0x61, kvm_irq_level)
 KVM_IRQFD = iow(KVMIO, 0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = iow(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = iow(KVMIO, 0x79, kvm_ioeventfd)
+KVM_SET_GSI_ROUTING = iow(KVMIO, 0x6A, kvm_irq_routing)
 
 # ioctls on a vCPU fd.
 KVM_RUN = io(KVMIO, 0x80)

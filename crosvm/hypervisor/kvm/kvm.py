@@ -66,6 +66,9 @@ class KvmVm:
         self.kvm = kvm
         self.fd = _call("KVM_CREATE_VM", ioctl_val, kvm.fd, B.KVM_CREATE_VM, 0)
         self._next_slot = 0
+        # GSI -> routing entry; KVM_SET_GSI_ROUTING replaces the whole table, so the
+        # irqchip's default pins are kept here alongside the MSI routes.
+        self._routes: dict[int, list[B.kvm_irq_routing_entry]] = {}
 
     def add_memory_region(self, guest_addr: int, size: int, host_addr: int,
                           read_only: bool = False) -> int:
@@ -86,6 +89,37 @@ class KvmVm:
 
     def create_irq_chip(self) -> None:
         _call("KVM_CREATE_IRQCHIP", ioctl_val, self.fd, B.KVM_CREATE_IRQCHIP, 0)
+        # KVM's default routing: GSIs 0-15 go to both PICs and the IOAPIC, 16-23 to
+        # the IOAPIC only.
+        for gsi in range(24):
+            entries = [self._irqchip_route(gsi, B.KVM_IRQCHIP_IOAPIC, gsi)]
+            if gsi < 16:
+                chip = B.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else B.KVM_IRQCHIP_PIC_SLAVE
+                entries.append(self._irqchip_route(gsi, chip, gsi % 8))
+            self._routes[gsi] = entries
+
+    @staticmethod
+    def _irqchip_route(gsi: int, chip: int, pin: int) -> B.kvm_irq_routing_entry:
+        entry = B.kvm_irq_routing_entry(gsi=gsi, type=B.KVM_IRQ_ROUTING_IRQCHIP)
+        entry.irqchip.irqchip = chip
+        entry.irqchip.pin = pin
+        return entry
+
+    def set_msi_route(self, gsi: int, address: int, data: int) -> None:
+        """Route `gsi` to the MSI message (address, data); irqfds on it deliver it."""
+        entry = B.kvm_irq_routing_entry(gsi=gsi, type=B.KVM_IRQ_ROUTING_MSI)
+        entry.msi.address_lo = address & 0xFFFF_FFFF
+        entry.msi.address_hi = address >> 32
+        entry.msi.data = data
+        self._routes[gsi] = [entry]
+        self._commit_routes()
+
+    def _commit_routes(self) -> None:
+        entries = [e for gsi in sorted(self._routes) for e in self._routes[gsi]]
+        table = B.irq_routing_type(len(entries))(nr=len(entries))
+        for i, entry in enumerate(entries):
+            table.entries[i] = entry
+        _call("KVM_SET_GSI_ROUTING", ioctl_ref, self.fd, B.KVM_SET_GSI_ROUTING, table)
 
     def create_pit(self) -> None:
         config = B.kvm_pit_config(flags=B.KVM_PIT_SPEAKER_DUMMY)
@@ -95,10 +129,21 @@ class KvmVm:
         arg = B.kvm_irq_level(irq=irq, level=int(level))
         _call("KVM_IRQ_LINE", ioctl_ref, self.fd, B.KVM_IRQ_LINE, arg)
 
-    def register_irqfd(self, fd: int, gsi: int) -> None:
-        """Signalling `fd` pulses interrupt `gsi` without leaving the kernel."""
+    def register_irqfd(self, fd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """Signalling `fd` pulses interrupt `gsi` without leaving the kernel.
+
+        With `resample_fd` the line is level-triggered: it stays asserted until the
+        guest's EOI, when KVM lowers it and signals `resample_fd`.
+        """
         arg = B.kvm_irqfd(fd=fd, gsi=gsi)
+        if resample_fd is not None:
+            arg.flags = B.KVM_IRQFD_FLAG_RESAMPLE
+            arg.resamplefd = resample_fd
         _call("KVM_IRQFD", ioctl_ref, self.fd, B.KVM_IRQFD, arg)
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None:
+        arg = B.kvm_irqfd(fd=fd, gsi=gsi, flags=B.KVM_IRQFD_FLAG_DEASSIGN)
+        _call("KVM_IRQFD(deassign)", ioctl_ref, self.fd, B.KVM_IRQFD, arg)
 
     def register_ioevent(self, fd: int, addr: int, length: int, pio: bool,
                          datamatch: int | None = None) -> None:
@@ -109,6 +154,11 @@ class KvmVm:
         arg = B.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd,
                               flags=flags)
         _call("KVM_IOEVENTFD", ioctl_ref, self.fd, B.KVM_IOEVENTFD, arg)
+
+    def unregister_ioevent(self, fd: int, addr: int, length: int, pio: bool) -> None:
+        flags = B.KVM_IOEVENTFD_FLAG_DEASSIGN | (B.KVM_IOEVENTFD_FLAG_PIO if pio else 0)
+        arg = B.kvm_ioeventfd(addr=addr, len=length, fd=fd, flags=flags)
+        _call("KVM_IOEVENTFD(deassign)", ioctl_ref, self.fd, B.KVM_IOEVENTFD, arg)
 
     def create_vcpu(self, vcpu_id: int) -> "KvmVcpu":
         fd = _call("KVM_CREATE_VCPU", ioctl_val, self.fd, B.KVM_CREATE_VCPU, vcpu_id)

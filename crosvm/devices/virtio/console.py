@@ -1,0 +1,133 @@
+"""virtio-console (virtio 1.x, 5.3): one port, the guest's hvc0.
+
+Output from the transmit queue goes to the same backends as the UART (`type=`);
+host input is buffered (bounded, never dropped: the input thread waits) and copied
+into the receive queue's buffers as the driver provides them.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import threading
+
+from crosvm.base import Event
+from crosvm.devices.virtio import virtio_device as V
+from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.vm_memory import GuestMemory
+
+QUEUE_SIZE = 256
+RECEIVEQ, TRANSMITQ = 0, 1
+INPUT_BUFFER_LIMIT = 1 << 16
+
+
+class Console(V.VirtioDevice):
+    """A single-port console (no MULTIPORT): receiveq 0, transmitq 1."""
+
+    device_type = V.TYPE_CONSOLE
+
+    def __init__(self, output=None, label: str = "console") -> None:
+        self.output = output
+        self.label = label
+        self.worker: V.QueueWorker | None = None
+        self._in: collections.deque[bytes] = collections.deque()
+        self._in_len = 0
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._closed = False
+        self.input_ready = Event()
+
+    def debug_label(self) -> str:
+        return self.label
+
+    def queue_max_sizes(self) -> list[int]:
+        return [QUEUE_SIZE, QUEUE_SIZE]
+
+    def config_bytes(self) -> bytes:
+        # cols, rows, max_nr_ports, emerg_wr: read only with F_SIZE/F_MULTIPORT.
+        return struct.pack("<HHII", 80, 25, 1, 0)
+
+    # -- host side --------------------------------------------------------------
+    def queue_input_bytes(self, data: bytes) -> None:
+        """Host input for the guest; blocks while the guest is behind."""
+        with self._lock:
+            while self._in_len >= INPUT_BUFFER_LIMIT and not self._closed:
+                self._space.wait()
+            if self._closed:
+                return
+            self._in.append(data)
+            self._in_len += len(data)
+        self.input_ready.signal()
+
+    def _take_input(self, limit: int) -> bytes:
+        with self._lock:
+            out = bytearray()
+            while self._in and len(out) < limit:
+                chunk = self._in.popleft()
+                take = chunk[:limit - len(out)]
+                out += take
+                if len(take) < len(chunk):
+                    self._in.appendleft(chunk[len(take):])
+            self._in_len -= len(out)
+            self._space.notify_all()
+            return bytes(out)
+
+    def _has_input(self) -> bool:
+        with self._lock:
+            return bool(self._in)
+
+    # -- worker -----------------------------------------------------------------
+    def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
+                 queues: list[tuple[int, Queue, Event]]) -> None:
+        by_index = {i: (q, e) for i, q, e in queues}
+        if set(by_index) != {RECEIVEQ, TRANSMITQ}:
+            raise ValueError("console needs its receive and transmit queues")
+        rxq, txq = by_index[RECEIVEQ][0], by_index[TRANSMITQ][0]
+
+        def transmit(chain: DescriptorChain) -> int:
+            data = Reader(mem, chain).read_all()
+            if self.output is not None and data:
+                self.output.write(data)
+            return 0
+
+        def receive() -> None:
+            used = 0
+            while self._has_input():
+                chain = rxq.pop(mem)
+                if chain is None:
+                    break  # wait for the driver to add buffers (a kick on receiveq)
+                writer = Writer(mem, chain)
+                data = self._take_input(writer.available_bytes())
+                writer.write(data)
+                rxq.add_used(mem, chain.index, len(data))
+                used += 1
+            rxq.set_avail_event(mem)
+            if used and rxq.needs_interrupt(mem):
+                interrupt.signal_used_queue(rxq.vector)
+
+        def handle(index: int) -> None:
+            if index == TRANSMITQ:
+                V.process_queue(mem, txq, interrupt, transmit)
+            else:
+                receive()
+
+        def on_input() -> None:
+            self.input_ready.wait()
+            receive()
+
+        self.worker = V.QueueWorker(
+            "v_console", interrupt, [(i, e) for i, _, e in queues], handle,
+            extra=[(self.input_ready.fd, on_input)])
+
+    def reset(self) -> bool:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._space.notify_all()
+        self.reset()

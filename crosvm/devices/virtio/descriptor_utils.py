@@ -1,0 +1,147 @@
+"""Reader and Writer: sequential, bounds-checked access to a chain's buffers.
+
+They walk only the regions `parse_chain` validated, and move data between files and
+guest memory with `os.preadv`/`os.pwritev` on memoryviews of the guest mapping: no
+copy through Python objects.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from crosvm.devices.virtio.queue import DescriptorChain
+from crosvm.vm_memory import GuestMemory
+
+
+class ShortBuffer(IOError):
+    """The chain's buffers are smaller than the request needs."""
+
+
+class _Regions:
+    def __init__(self, mem: GuestMemory, regions: list[tuple[int, int]]) -> None:
+        self.mem = mem
+        self.regions = list(regions)
+        self.index = 0   # current region
+        self.offset = 0  # offset within it
+        self.consumed = 0
+
+    def available_bytes(self) -> int:
+        return sum(n for _, n in self.regions[self.index:]) - self.offset
+
+    def views(self, count: int) -> list[memoryview]:
+        """memoryviews covering the next `count` bytes (not consumed yet)."""
+        out = []
+        i, off = self.index, self.offset
+        while count > 0 and i < len(self.regions):
+            addr, n = self.regions[i]
+            take = min(count, n - off)
+            out.append(self.mem.slice(addr + off, take))
+            count -= take
+            off += take
+            if off == n:
+                i, off = i + 1, 0
+        return out
+
+    def consume(self, count: int) -> None:
+        self.consumed += count
+        while count > 0 and self.index < len(self.regions):
+            n = self.regions[self.index][1]
+            take = min(count, n - self.offset)
+            self.offset += take
+            count -= take
+            if self.offset == n:
+                self.index, self.offset = self.index + 1, 0
+
+    def split_end(self, count: int) -> list[tuple[int, int]]:
+        """Remove the last `count` bytes from these regions and return them as regions."""
+        if count > self.available_bytes():
+            raise ShortBuffer(f"need {count} bytes at the end, have {self.available_bytes()}")
+        tail: list[tuple[int, int]] = []
+        while count > 0:
+            addr, n = self.regions[-1]
+            take = min(count, n)
+            tail.insert(0, (addr + n - take, take))
+            if take == n:
+                self.regions.pop()
+            else:
+                self.regions[-1] = (addr, n - take)
+            count -= take
+        return tail
+
+
+class Reader(_Regions):
+    """Reads the readable (driver → device) part of a chain."""
+
+    def __init__(self, mem: GuestMemory, chain: DescriptorChain) -> None:
+        super().__init__(mem, chain.readable)
+
+    def read(self, count: int) -> bytes:
+        """Exactly `count` bytes, or ShortBuffer."""
+        if count > self.available_bytes():
+            raise ShortBuffer(f"read of {count} bytes, only {self.available_bytes()} available")
+        data = b"".join(bytes(v) for v in self.views(count))
+        self.consume(count)
+        return data
+
+    def read_struct(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))
+
+    def read_all(self) -> bytes:
+        return self.read(self.available_bytes())
+
+    def write_to_fd(self, fd: int, count: int, offset: int | None) -> int:
+        """Write the next `count` bytes to `fd` (at `offset`, or the file position)."""
+        if count > self.available_bytes():
+            raise ShortBuffer(f"write of {count} bytes, only {self.available_bytes()} available")
+        done = 0
+        while done < count:
+            views = self.views(count - done)
+            if offset is None:
+                n = os.writev(fd, views)
+            else:
+                n = os.pwritev(fd, views, offset + done)
+            if n <= 0:
+                raise OSError("short write")
+            self.consume(n)
+            done += n
+        return done
+
+
+class Writer(_Regions):
+    """Writes the writable (device → driver) part of a chain."""
+
+    def __init__(self, mem: GuestMemory, chain: DescriptorChain | None = None,
+                 regions: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(mem, chain.writable if chain is not None else regions or [])
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > self.available_bytes():
+            raise ShortBuffer(f"write of {len(data)} bytes, only {self.available_bytes()} available")
+        pos = 0
+        for view in self.views(len(data)):
+            view[:] = data[pos:pos + len(view)]
+            pos += len(view)
+        self.consume(len(data))
+
+    def read_from_fd(self, fd: int, count: int, offset: int | None) -> int:
+        """Fill the next `count` bytes from `fd`; returns bytes read (short at EOF)."""
+        if count > self.available_bytes():
+            raise ShortBuffer(f"read of {count} bytes, only {self.available_bytes()} available")
+        done = 0
+        while done < count:
+            views = self.views(count - done)
+            n = os.readv(fd, views) if offset is None else os.preadv(fd, views, offset + done)
+            if n == 0:
+                break
+            self.consume(n)
+            done += n
+        return done
+
+    def split_end_writer(self, count: int) -> "Writer":
+        """A Writer for the last `count` bytes (a status byte, say), removed from this one."""
+        return Writer(self.mem, regions=self.split_end(count))
+
+    @property
+    def bytes_written(self) -> int:
+        return self.consumed

@@ -1,0 +1,189 @@
+"""Split virtqueues (virtio 1.x, 2.7) with crosvm's defences against a hostile driver.
+
+Everything read from guest memory is untrusted: indices are bounded by the queue
+size, chains by a length cap, regions must lie in guest RAM, and a readable buffer
+may not follow a writable one. A bad chain is returned to the driver as used with
+length 0 and logged; the queue and the VMM carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from crosvm.vm_memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+DESC_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+MAX_CHAIN_BYTES = 0xFFFF_FFFF  # total length must fit the used ring's u32
+
+
+class DescriptorError(ValueError):
+    """A descriptor chain the device refuses; only that request fails."""
+
+
+@dataclass
+class DescriptorChain:
+    """A validated chain: the head index and its buffers, copied out of the table once."""
+
+    index: int
+    readable: list[tuple[int, int]] = field(default_factory=list)  # (guest addr, len)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+def _read_desc(mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
+    return struct.unpack("<QIHH", mem.slice(table + index * DESC_SIZE, DESC_SIZE))
+
+
+def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
+                indirect_allowed: bool = True) -> DescriptorChain:
+    """Walk the chain starting at `head`, validating every descriptor."""
+    chain = DescriptorChain(head)
+    total = 0
+    table, table_size = desc_table, queue_size
+    index = head
+    seen = 0
+    in_indirect = False
+    while True:
+        if index >= table_size:
+            raise DescriptorError(f"descriptor index {index} out of range ({table_size})")
+        seen += 1
+        if seen > table_size:
+            raise DescriptorError("descriptor chain is too long (loop?)")
+        addr, length, flags, next_index = _read_desc(mem, table, index)
+        if flags & ~(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT):
+            raise DescriptorError(f"unknown descriptor flags {flags:#x}")
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not indirect_allowed or in_indirect:
+                raise DescriptorError("indirect descriptor not allowed here")
+            if flags & VIRTQ_DESC_F_NEXT:
+                raise DescriptorError("indirect descriptor with NEXT set")
+            if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                raise DescriptorError(f"bad indirect table length {length}")
+            if not mem.is_valid_range(addr, length):
+                raise DescriptorError(f"indirect table {addr:#x}+{length:#x} outside guest memory")
+            table, table_size = addr, length // DESC_SIZE
+            index, seen, in_indirect = 0, 0, True
+            continue
+        if length == 0:
+            raise DescriptorError("zero-length descriptor")
+        if not mem.is_valid_range(addr, length):
+            raise DescriptorError(f"buffer {addr:#x}+{length:#x} outside guest memory")
+        total += length
+        if total > MAX_CHAIN_BYTES:
+            raise DescriptorError("descriptor chain longer than 4 GiB")
+        if flags & VIRTQ_DESC_F_WRITE:
+            chain.writable.append((addr, length))
+        else:
+            if chain.writable:
+                raise DescriptorError("readable descriptor after a writable one")
+            chain.readable.append((addr, length))
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return chain
+        index = next_index
+
+
+class Queue:
+    """One split virtqueue: driver-programmed layout plus the device's ring positions."""
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1 or max_size > MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.vector = 0xFFFF
+        self.desc_table = 0
+        self.avail_ring = 0
+        self.used_ring = 0
+        self.next_avail = 0
+        self.next_used = 0
+        self.event_idx = False
+        self.signalled_used: int | None = None
+
+    def is_valid(self, mem: GuestMemory) -> bool:
+        """Layout checks the device does at activation (virtio 2.7, crosvm's SplitQueue)."""
+        n = self.size
+        if not self.ready:
+            return False
+        if n == 0 or n > self.max_size or n & (n - 1):
+            log.warning("queue size %d is not a power of two <= %d", n, self.max_size)
+            return False
+        extra = 2 if self.event_idx else 0
+        for name, addr, length, align in (("descriptor table", self.desc_table, 16 * n, 16),
+                                          ("available ring", self.avail_ring, 6 + 2 * n + extra, 2),
+                                          ("used ring", self.used_ring, 6 + 8 * n + extra, 4)):
+            if addr % align or not mem.is_valid_range(addr, length):
+                log.warning("virtqueue %s at %#x+%#x is misaligned or outside RAM",
+                            name, addr, length)
+                return False
+        return True
+
+    # -- driver → device --------------------------------------------------------
+    def avail_idx(self, mem: GuestMemory) -> int:
+        return mem.read_int(self.avail_ring + 2, 2)
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None. Bad chains are completed with length 0."""
+        while True:
+            avail = self.avail_idx(mem)
+            pending = (avail - self.next_avail) & 0xFFFF
+            if pending == 0:
+                return None
+            if pending > self.size:
+                log.warning("driver's available index jumped by %d (queue size %d); ignoring",
+                            pending, self.size)
+                return None
+            slot = self.next_avail % self.size
+            head = mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+            try:
+                return parse_chain(mem, self.desc_table, self.size, head)
+            except DescriptorError as e:
+                log.warning("dropping bad descriptor chain (head %d): %s", head, e)
+                if head < self.size:
+                    self.add_used(mem, head, 0)
+
+    def set_avail_event(self, mem: GuestMemory) -> None:
+        """With EVENT_IDX, ask for a kick when the driver makes the next buffer available."""
+        if self.event_idx:
+            mem.write_int(self.used_ring + 4 + 8 * self.size, self.next_avail, 2)
+
+    # -- device → driver --------------------------------------------------------
+    def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
+        slot = self.next_used % self.size
+        mem.write(self.used_ring + 4 + 8 * slot, struct.pack("<II", head, length))
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        # The element is written before the index: on x86 stores are not reordered.
+        mem.write_int(self.used_ring + 2, self.next_used, 2)
+
+    def needs_interrupt(self, mem: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt for what was used since the last one."""
+        if self.event_idx:
+            used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+            old = self.signalled_used
+            new = self.next_used
+            self.signalled_used = new
+            if old is None:
+                return True
+            # vring_need_event: did the new used index pass used_event?
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        flags = mem.read_int(self.avail_ring, 2)
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT

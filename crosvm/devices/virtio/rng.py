@@ -1,0 +1,55 @@
+"""virtio-rng: fills the driver's buffers from the host's random source."""
+
+from __future__ import annotations
+
+import os
+
+from crosvm.base import Event
+from crosvm.devices.virtio import virtio_device as V
+from crosvm.devices.virtio.descriptor_utils import Writer
+from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.vm_memory import GuestMemory
+
+QUEUE_SIZE = 256
+
+
+class Rng(V.VirtioDevice):
+    """One queue; every writable buffer is filled from /dev/urandom."""
+
+    device_type = V.TYPE_RNG
+
+    def __init__(self, source: str = "/dev/urandom") -> None:
+        self.random_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        self.worker: V.QueueWorker | None = None
+
+    def queue_max_sizes(self) -> list[int]:
+        return [QUEUE_SIZE]
+
+    def keep_fds(self) -> list[int]:
+        return [self.random_fd]
+
+    def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
+                 queues: list[tuple[int, Queue, Event]]) -> None:
+        if len(queues) != 1:
+            raise ValueError(f"expected 1 queue, got {len(queues)}")
+        _, queue, event = queues[0]
+
+        def fill(chain: DescriptorChain) -> int:
+            writer = Writer(mem, chain)
+            return writer.read_from_fd(self.random_fd, writer.available_bytes(), None)
+
+        self.worker = V.QueueWorker(
+            "v_rng", interrupt, [(0, event)],
+            lambda _: V.process_queue(mem, queue, interrupt, fill))
+
+    def reset(self) -> bool:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        return True
+
+    def close(self) -> None:
+        self.reset()
+        if self.random_fd >= 0:
+            os.close(self.random_fd)
+            self.random_fd = -1

@@ -1,0 +1,125 @@
+"""Putting PCI devices into a VM: slots, BARs, INTx lines, MSI-X GSIs and ioeventfds."""
+
+from __future__ import annotations
+
+import logging
+
+from crosvm.arch.x86_64 import layout as L
+from crosvm.arch.x86_64.acpi import PciLayout
+from crosvm.base import Event, IrqLevelEvent
+from crosvm.devices.bus import Bus, BusDevice
+from crosvm.devices.pci import BarType, PciBarRegion, PciConfigIo, PciConfigMmio, PciDevice, PciRoot
+from crosvm.devices.virtio.virtio_device import VirtioDevice
+from crosvm.devices.virtio.virtio_pci import VirtioPciDevice
+from crosvm.hypervisor.kvm import KvmVm
+from crosvm.vm_memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+PCI_CONFIG_IO_PORT = 0xCF8
+FIRST_PCI_IRQ = 9
+LAST_IOAPIC_PIN = 23
+FIRST_MSI_GSI = 24
+HIGH_MMIO_ALIGN = 1 << 30
+MAX_PHYS_BITS = 46
+
+
+class AddressAllocator:
+    """Hands out size-aligned ranges from [base, base+size), lowest first."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self.end = base, base + size
+        self.next = base
+
+    def allocate(self, size: int) -> int:
+        addr = (self.next + size - 1) & ~(size - 1)
+        if addr + size > self.end:
+            raise ValueError(f"no room for a {size:#x}-byte BAR in {self.base:#x}-{self.end:#x}")
+        self.next = addr + size
+        return addr
+
+
+def high_mmio_range(mem_size: int, phys_bits: int) -> tuple[int, int]:
+    """From the first GiB boundary above RAM to the end of the physical address space."""
+    ram_end = L.FIRST_ADDR_PAST_32BITS + max(0, mem_size - L.END_ADDR_BEFORE_32BITS)
+    start = (ram_end + HIGH_MMIO_ALIGN - 1) & ~(HIGH_MMIO_ALIGN - 1)
+    end = 1 << min(phys_bits, MAX_PHYS_BITS)
+    return start, end - start
+
+
+class PciSetup:
+    """Builds bus 0 for one VM, wiring each device to KVM as it is added."""
+
+    def __init__(self, vm: KvmVm, mem: GuestMemory, io_bus: Bus, mmio_bus: Bus,
+                 mem_size: int, phys_bits: int, reset_port: BusDevice | None) -> None:
+        self.vm = vm
+        self.mem = mem
+        self.mmio_bus = mmio_bus
+        self.root = PciRoot()
+        self.low = AddressAllocator(L.END_ADDR_BEFORE_32BITS,
+                                    L.PCIE_ECAM_START - L.END_ADDR_BEFORE_32BITS)
+        self.high_range = high_mmio_range(mem_size, phys_bits)
+        self.high = AddressAllocator(*self.high_range)
+        self.next_irq = FIRST_PCI_IRQ
+        self.next_gsi = FIRST_MSI_GSI
+        self.intx: list[tuple[int, int, int]] = []
+        self.devices: list[PciDevice] = []
+        self._events: list = []
+        io_bus.insert(PciConfigIo(self.root, reset_port), PCI_CONFIG_IO_PORT, 8)
+        mmio_bus.insert(PciConfigMmio(self.root), L.PCIE_ECAM_START, L.PCIE_ECAM_SIZE)
+
+    def layout(self) -> PciLayout:
+        return PciLayout(high_mmio=self.high_range, intx=tuple(self.intx))
+
+    def _allocate_irq(self) -> int:
+        # Round-robin over IOAPIC pins 9-23; lines are shared beyond 15 devices.
+        irq = self.next_irq
+        self.next_irq = FIRST_PCI_IRQ if irq >= LAST_IOAPIC_PIN else irq + 1
+        return irq
+
+    def add_virtio(self, device: VirtioDevice) -> VirtioPciDevice:
+        """Wrap a virtio device in the PCI transport and add it."""
+        num = VirtioPciDevice.num_msix_vectors(device)
+        gsis = list(range(self.next_gsi, self.next_gsi + num))
+        self.next_gsi += num
+        irqfds = []
+        for gsi in gsis:
+            event = Event()
+            self.vm.register_irqfd(event.fd, gsi)
+            irqfds.append(event)
+            self._events.append(event)
+
+        def route(vector: int, address: int, data: int) -> None:
+            self.vm.set_msi_route(gsis[vector], address, data)
+
+        pci_dev = VirtioPciDevice(device, self.mem, irqfds, route)
+        self.add(pci_dev)
+        for event, addr in pci_dev.notify_addresses():
+            # Linux kicks with a 16-bit write of the queue index.
+            self.vm.register_ioevent(event.fd, addr, 2, pio=False)
+        return pci_dev
+
+    def add(self, device: PciDevice) -> None:
+        address = self.root.add_device(device)
+        bars = device.bar_specs()
+        for bar in bars:
+            allocator = self.high if bar.type is BarType.MEM64 else self.low
+            bar.address = allocator.allocate(bar.size)
+        device.assign_bars(bars)
+        for bar in bars:
+            self.mmio_bus.insert(PciBarRegion(device, bar), bar.address, bar.size)
+        if device.wants_intx():
+            irq = self._allocate_irq()
+            line = IrqLevelEvent()
+            self.vm.register_irqfd(line.trigger.fd, irq, line.resample.fd)
+            self._events.append(line)
+            device.assign_irq(line, 1, irq)
+            self.intx.append((address.dev, 0, irq))
+        device.on_setup()
+        self.devices.append(device)
+        log.debug("pci %s: %s, BARs %s", address, device.debug_label(),
+                  ", ".join(f"{b.index}@{b.address:#x}+{b.size:#x}" for b in bars))
+
+    def close(self) -> None:
+        for device in self.devices:
+            device.close()
