@@ -131,6 +131,13 @@ def load_cfg(path: str, _stack: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def build_config(values: dict[str, Any]) -> Config:
     """The typed Config from merged option values."""
+    try:
+        return _build_config(values)
+    except kv.KeyValueError as e:
+        raise ConfigFileError(str(e)) from None
+
+
+def _build_config(values: dict[str, Any]) -> Config:
     cfg = Config()
     cfg.kernel = values.get("kernel")
     cfg.initrd = values.get("initrd")

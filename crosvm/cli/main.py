@@ -131,10 +131,9 @@ def cmd_run(args: list[str]) -> int:
     try:
         for path in cfg_files:
             merged = merge(merged, load_cfg(path))
+        cfg = build_config(merge(merged, values))
     except ConfigFileError as e:
         raise UsageError(str(e)) from None
-    merged = merge(merged, values)
-    cfg = build_config(merged)
     if not cfg.kernel:
         raise UsageError("a kernel image is required: crosvm run [OPTIONS] KERNEL")
     from crosvm.vmm.run import run_config  # heavy imports only when running a VM

@@ -197,3 +197,63 @@ def test_all_four_uarts_exist_and_unnamed_ones_are_sinks():
 
     assert [(p.num, p.type) for p in cfg.uarts()] == [(1, "sink"), (2, "stdout"), (3, "sink"),
                                                      (4, "sink")]
+
+
+
+def test_block_first_key_is_path_and_bare_flags_are_true():
+    cfg = config_from(["--block", "disk.img,ro,root"])
+    d = cfg.disks[0]
+    assert (d.path, d.ro, d.root, d.sparse, d.block_size) == ("disk.img", True, True, True, 512)
+
+
+def test_block_old_key_aliases_accepted():
+    d = config_from(["-b", "disk.img,o_direct=true,block_size=4096"]).disks[0]
+    assert (d.direct, d.block_size) == (True, 4096)
+
+
+def test_deprecated_root_is_read_only_root_block():
+    d = config_from(["-r", "rootfs.img"]).disks[0]
+    assert (d.path, d.ro, d.root) == ("rootfs.img", True, True)
+
+
+def test_deprecated_rwdisk_is_writable():
+    assert config_from(["--rwdisk", "d.img"]).disks[0].ro is False
+
+
+def test_deprecated_disk_rejects_ro_key():
+    with pytest.raises(UsageError):
+        parse_run_args(["--disk", "d.img,ro", "vmlinux"])
+
+
+def test_disks_keep_command_line_order():
+    cfg = config_from(["--block", "a.img", "-d", "b.img", "--block", "c.img"])
+    assert [d.path for d in cfg.disks] == ["a.img", "b.img", "c.img"]
+
+
+def test_two_root_disks_rejected():
+    cfg = config_from(["--block", "a.img,root", "--block", "b.img,root", "vmlinux"])
+    with pytest.raises(ConfigError, match="only one disk"):
+        cfg.validate()
+
+
+def test_block_without_path_rejected():
+    with pytest.raises(ConfigFileError, match="missing field `path`"):
+        config_from(["--block", "ro=true"])
+
+
+def test_main_returns_35_on_block_without_path(capsys):
+    assert main(["run", "--block", "ro=true", "vmlinux"]) == 35
+
+
+def test_root_disk_adds_root_to_kernel_command_line():
+    cfg = config_from(["--block", "a.img", "--block", "b.img,root", "-p", "quiet"])
+    assert kernel_cmdline(cfg).endswith("root=/dev/vdb rw quiet")
+
+
+def test_virtio_console_is_hvc_console():
+    cfg = config_from(["--serial", "type=stdout,hardware=virtio-console,console"])
+    assert "console=hvc0" in kernel_cmdline(cfg).split()
+
+
+def test_no_rng_flag():
+    assert config_from(["--no-rng"]).no_rng is True

@@ -193,3 +193,35 @@ def test_dsdt_declares_s5():
 def test_aml_pkglength_multi_byte():
     assert aml.pkglength(0x3E) == bytes([0x3F])
     assert aml.pkglength(0x3F) == bytes([0x41, 0x04])   # total 0x41 with both bytes
+
+
+def test_aml_eisa_id_pnp0a08():
+    assert aml.eisa_id("PNP0A08") == b"\x0C\x41\xD0\x0A\x08"
+
+
+def test_aml_name_string_dual_segment():
+    assert aml.name_string(b"\\_SB_.PC00") == b"\\\x2E_SB_PC00"
+
+
+def test_mcfg_describes_ecam_for_buses_0_to_63():
+    mcfg = A.build_mcfg(A.PciLayout())
+    base, segment, first, last = struct.unpack_from("<QHBB", mcfg, 44)
+    assert (mcfg[:4], base, segment, first, last) == (b"MCFG", L.PCIE_ECAM_START, 0, 0, 63)
+
+
+def test_dsdt_routes_each_intx_slot():
+    dsdt = A.build_dsdt(A.PciLayout(intx=((1, 0, 9), (2, 0, 10))))
+    route = aml.package([aml.integer(2 << 16 | 0xFFFF), aml.integer(0), aml.integer(0),
+                         aml.integer(10)])
+    assert b"PC00" in dsdt and route in dsdt
+
+
+def test_madt_marks_pci_irq_level_triggered():
+    madt = A.build_madt(1, A.PmPorts(), pci_irqs=(9,))
+    override = struct.pack("<BBBBIH", 2, 10, 0, 9, 9, A.MADT_LEVEL_ACTIVE_LOW)
+    assert override in madt
+
+
+def test_xsdt_lists_mcfg_when_pci_present():
+    blob, _ = A.build_acpi_tables(1, A.PmPorts(), pci=A.PciLayout())
+    assert b"MCFG" in blob
