@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Installs what pycrosvm needs on a fresh Debian machine: busybox-static (the test
-# guest's userspace) and the package itself with its test dependencies.
+# guest's userspace), e2fsprogs (mkfs.ext4/debugfs for the disk tests) and the package
+# itself with its test dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The initramfs needs a static busybox (Debian's busybox-static puts it at /bin/busybox).
-need_busybox=0
-dpkg -s busybox-static >/dev/null 2>&1 || need_busybox=1
-if [ "$need_busybox" = 1 ]; then
+missing=()
+for pkg in busybox-static e2fsprogs; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
-        echo "setup: busybox-static is missing; run as root or: apt-get install busybox-static" >&2
+        echo "setup: missing ${missing[*]}; run as root or: apt-get install ${missing[*]}" >&2
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq busybox-static >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # Install the package (editable, from this checkout) unless it is already installed from here.

@@ -47,18 +47,26 @@ class GuestError(Exception):
 class GuestVm:
     """One running VM. Use as a context manager; it is killed on exit."""
 
-    def __init__(self, kernel: str, initrd: str, workdir: str, cpus: int = 1, mem: int = 256,
-                 params: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, kernel: str, initrd: str | None, workdir: str, cpus: int = 1,
+                 mem: int = 256, params: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
+                 console_hardware: str = "serial", mode: str = "agent") -> None:
+        """`initrd=None` boots from a root disk in `extra_args`; `console_hardware`
+        `virtio-console` makes hvc0 the console (written to `console_path`)."""
         self.workdir = workdir
         self.console_path = os.path.join(workdir, "console.log")
         self.log_path = os.path.join(workdir, "crosvm.log")
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        cmdline = " ".join((os.environ.get("CROSVM_TEST_CMDLINE", HOST_CMDLINE),
-                            "pycrosvm.mode=agent") + tuple(params))
+        host_cmdline = os.environ.get("CROSVM_TEST_CMDLINE", HOST_CMDLINE)
+        if console_hardware != "serial":
+            # crosvm adds console=hvc0 itself; ttyS0 must not win as /dev/console.
+            host_cmdline = " ".join(w for w in host_cmdline.split() if w != "console=ttyS0")
+        cmdline = " ".join((host_cmdline, f"pycrosvm.mode={mode}") + tuple(params))
         self.args = [sys.executable, "-m", "crosvm", "run",
-                     "--cpus", str(cpus), "--mem", str(mem), "--initrd", initrd,
-                     "--serial", f"type=file,path={self.console_path},num=1,console",
+                     "--cpus", str(cpus), "--mem", str(mem),
+                     *(("--initrd", initrd) if initrd else ()),
+                     "--serial", f"type=file,path={self.console_path},num=1,console,"
+                                 f"hardware={console_hardware}",
                      "--serial", f"type=file,path=/proc/self/fd/{out_w},"
                                  f"input=/proc/self/fd/{in_r},num=2",
                      "-p", cmdline, *extra_args, kernel]

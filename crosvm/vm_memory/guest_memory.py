@@ -67,6 +67,9 @@ class GuestMemory:
         return self.regions[-1].end
 
     def _find(self, addr: int, length: int) -> tuple[MemoryRegion, int]:
+        first = self.regions[0]  # fast path: nearly every access is in low RAM
+        if first.guest_addr <= addr and 0 <= length and addr + length <= first.end:
+            return first, addr - first.guest_addr
         if addr < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest range {addr:#x}+{length:#x}")
         for region in self.regions:

@@ -6,11 +6,14 @@ the VM, are in test_power.py.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import time
 
 import pytest
 
+from tests.conftest import make_ext4
 from tests.guest_vm import GuestVm
 
 pytestmark = pytest.mark.e2e
@@ -20,11 +23,36 @@ MEM_MIB = 256
 MARKER_PARAM = "pycrosvm.testparam=hello42"
 
 
+HELLO = os.urandom(100_000)
+RO_PATTERN = bytes(range(256)) * 4096   # 1 MiB
+
+
 @pytest.fixture(scope="module")
-def vm(kernel, initramfs, tmp_path_factory):
+def disks(tmp_path_factory):
+    """vda: ext4 with a known file; vdb: sparse raw scratch; vdc: read-only raw."""
+    d = tmp_path_factory.mktemp("disks")
+    data = make_ext4(str(d / "data.img"), 64, files={"hello.bin": HELLO})
+    scratch = str(d / "scratch.img")
+    with open(scratch, "wb") as f:
+        f.truncate(32 << 20)
+        # Host-written data in the second half, for the discard test to free (the
+        # guest's kernel is emulated here: making this data inside it would take minutes).
+        f.seek(16 << 20)
+        f.write(os.urandom(8 << 20))
+    ro = str(d / "ro.img")
+    with open(ro, "wb") as f:
+        f.write(RO_PATTERN)
+    return {"data": data, "scratch": scratch, "ro": ro, "hvc": str(d / "hvc1.log")}
+
+
+@pytest.fixture(scope="module")
+def vm(kernel, initramfs, disks, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
+    extra = ("--block", f"{disks['data']},id=data-disk", "--block", disks["scratch"],
+             "--block", f"{disks['ro']},ro",
+             "--serial", f"type=file,path={disks['hvc']},hardware=virtio-console,num=1")
     with GuestVm(kernel, initramfs, workdir, cpus=CPUS, mem=MEM_MIB,
-                 params=(MARKER_PARAM,)) as guest:
+                 params=(MARKER_PARAM,), extra_args=extra) as guest:
         guest.wait_ready()
         yield guest
 
@@ -104,3 +132,93 @@ def test_i8042_keyboard_is_found(vm):
     result = vm.run("cat /proc/bus/input/devices")
 
     assert "AT Translated Set 2 keyboard" in result.stdout
+
+
+def sha256_file(path: str, length: int | None = None) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read() if length is None else f.read(length)).hexdigest()
+
+
+def test_lspci_shows_virtio_block_rng_console_and_pvpanic(vm):
+    ids = [line.split()[2] for line in vm.run("lspci").stdout.splitlines()]
+
+    assert ids.count("1af4:1042") == 3
+    assert "1af4:1044" in ids
+    assert "1af4:1043" in ids
+    assert "1b36:0011" in ids
+
+
+def test_virtio_interrupts_use_msix(vm):
+    result = vm.run("cat /proc/interrupts")
+
+    assert "PCI-MSIX" in result.stdout
+    assert "virtio0-req.0" in result.stdout
+
+
+def test_disks_appear_as_vda_vdb_vdc_in_order(vm):
+    result = vm.run("cat /sys/block/vda/size /sys/block/vdb/size /sys/block/vdc/size")
+
+    assert result.stdout.split() == [str(64 << 11), str(32 << 11), str(1 << 11)]
+
+
+def test_block_id_is_the_disk_serial(vm):
+    result = vm.run("cat /sys/block/vda/serial")
+
+    assert result.stdout.strip() == "data-disk"
+
+
+def test_ext4_file_from_host_has_same_checksum(vm):
+    result = vm.run("mount -o ro /dev/vda /mnt && sha256sum /mnt/hello.bin; umount /mnt")
+
+    assert result.stdout.split()[0] == hashlib.sha256(HELLO).hexdigest()
+
+
+def test_guest_write_with_fsync_reaches_image(vm, disks):
+    result = vm.run("dd if=/dev/urandom of=/dev/vdb bs=4096 count=16 conv=fsync 2>/dev/null"
+                    " && dd if=/dev/vdb bs=4096 count=16 2>/dev/null | sha256sum")
+
+    assert result.stdout.split()[0] == sha256_file(disks["scratch"], 64 << 10)
+
+
+def test_discard_on_sparse_disk_frees_host_blocks(vm, disks):
+    before = os.stat(disks["scratch"]).st_blocks
+
+    # Discard the host-written 8 MiB (sectors from 16 MiB on).
+    result = vm.run("blkdiscard -o 16777216 -l 8388608 /dev/vdb")
+
+    assert result.returncode == 0
+    assert os.stat(disks["scratch"]).st_blocks < before - (4 << 20) // 512
+
+
+def test_read_only_disk_rejects_guest_write_and_image_is_unchanged(vm, disks):
+    before = sha256_file(disks["ro"])
+
+    result = vm.run("dd if=/dev/zero of=/dev/vdc bs=4096 count=1 conv=fsync")
+    flag = vm.run("cat /sys/block/vdc/ro").stdout.strip()
+
+    assert result.returncode != 0
+    assert flag == "1"
+    assert sha256_file(disks["ro"]) == before
+
+
+def test_read_only_disk_is_readable(vm):
+    result = vm.run("dd if=/dev/vdc bs=4096 count=1 2>/dev/null | sha256sum")
+
+    assert result.stdout.split()[0] == hashlib.sha256(RO_PATTERN[:4096]).hexdigest()
+
+
+def test_hwrng_gives_bytes_from_virtio_rng(vm):
+    source = vm.run("cat /sys/devices/virtual/misc/hw_random/rng_current").stdout.strip()
+    count = vm.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c").stdout.strip()
+
+    assert source == "virtio_rng.0"
+    assert count == "64"
+
+
+def test_virtio_console_port_output_reaches_its_file(vm, disks):
+    vm.run("echo hvc-marker-93f > /dev/hvc0")
+
+    deadline = time.time() + 10
+    while time.time() < deadline and "hvc-marker-93f" not in open(disks["hvc"]).read():
+        time.sleep(0.2)
+    assert "hvc-marker-93f" in open(disks["hvc"]).read()

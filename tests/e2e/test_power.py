@@ -3,6 +3,9 @@ shared VM is gone, so they do not compete for the host's cores)."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
 
 from tests.guest_vm import GuestVm
@@ -29,3 +32,38 @@ def test_guest_reboot_exits_32(kernel, initramfs, tmp_path):
         code = guest.wait_exit()
 
     assert code == 32
+
+
+def test_init_exit_panics_guest_and_exits_34_via_pvpanic(kernel, initramfs, tmp_path):
+    # hvc0 is the console here, so the panic message also proves console=hvc0 works.
+    with GuestVm(kernel, initramfs, str(tmp_path), cpus=1, mem=128, mode="exit",
+                 console_hardware="virtio-console") as guest:
+        code = guest.wait_exit()
+        console = guest.console()
+
+    assert code == 34
+    assert "Kernel panic - not syncing: Attempted to kill init" in console
+    assert "init: exiting on purpose" in console
+
+
+def test_root_disk_boots_as_root_over_intx_and_keeps_synced_write(kernel, rootfs_image,
+                                                                   tmp_path):
+    # pci=nomsi: the root disk's interrupts use INTx (level-triggered irqfd + resample).
+    with GuestVm(kernel, None, str(tmp_path), cpus=1, mem=128, params=("pci=nomsi",),
+                 extra_args=("--block", f"{rootfs_image},root")) as guest:
+        guest.wait_ready()
+        mounts = guest.run("cat /proc/mounts").stdout
+        cmdline = guest.run("cat /proc/cmdline").stdout
+        interrupts = guest.run("cat /proc/interrupts").stdout
+        write = guest.run("echo written-in-guest > /guest.txt && sync")
+        guest.send("poweroff -f")
+        code = guest.wait_exit()
+    on_host = subprocess.run(["debugfs", "-R", "cat /guest.txt", rootfs_image],
+                             capture_output=True, text=True).stdout
+
+    assert "/dev/root / ext4 rw" in mounts or "/dev/vda / ext4 rw" in mounts
+    assert "root=/dev/vda rw" in cmdline
+    assert re.search(r"IO-APIC\s+\d+-fasteoi\s+virtio0", interrupts)
+    assert write.returncode == 0
+    assert code == 0
+    assert on_host == "written-in-guest\n"
