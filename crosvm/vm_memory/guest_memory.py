@@ -25,9 +25,9 @@ class MemoryRegion:
     shm_offset: int
     mapping: mmap.mmap
 
-    @property
-    def end(self) -> int:
-        return self.guest_addr + self.size
+    def __post_init__(self) -> None:
+        self.end = self.guest_addr + self.size
+        self.view = memoryview(self.mapping)  # sliced per access: no copy, no new export
 
     def host_address(self) -> int:
         """The userspace address of the mapping, for KVM_SET_USER_MEMORY_REGION."""
@@ -89,7 +89,7 @@ class GuestMemory:
     def slice(self, addr: int, length: int) -> memoryview:
         """A zero-copy view of [addr, addr+length); raises if it is not all RAM."""
         region, off = self._find(addr, length)
-        return memoryview(region.mapping)[off:off + length]
+        return region.view[off:off + length]
 
     def read(self, addr: int, length: int) -> bytes:
         return bytes(self.slice(addr, length))
@@ -115,6 +115,7 @@ class GuestMemory:
 
     def close(self) -> None:
         for region in self.regions:
+            region.view.release()
             try:
                 region.mapping.close()
             except BufferError:

@@ -49,7 +49,9 @@ def test_init_exit_panics_guest_and_exits_34_via_pvpanic(kernel, initramfs, tmp_
 def test_root_disk_boots_as_root_over_intx_and_keeps_synced_write(kernel, rootfs_image,
                                                                    tmp_path):
     # pci=nomsi: the root disk's interrupts use INTx (level-triggered irqfd + resample).
-    with GuestVm(kernel, None, str(tmp_path), cpus=1, mem=128, params=("pci=nomsi", "init=/init"),
+    # init=/init: the kernel would otherwise run busybox's /sbin/init from the disk.
+    with GuestVm(kernel, None, str(tmp_path), cpus=1, mem=128,
+                 params=("pci=nomsi", "init=/init"),
                  extra_args=("--block", f"{rootfs_image},root")) as guest:
         guest.wait_ready()
         mounts = guest.run("cat /proc/mounts").stdout

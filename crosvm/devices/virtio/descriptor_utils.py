@@ -25,9 +25,10 @@ class _Regions:
         self.index = 0   # current region
         self.offset = 0  # offset within it
         self.consumed = 0
+        self.remaining = sum(n for _, n in self.regions)
 
     def available_bytes(self) -> int:
-        return sum(n for _, n in self.regions[self.index:]) - self.offset
+        return self.remaining
 
     def views(self, count: int) -> list[memoryview]:
         """memoryviews covering the next `count` bytes (not consumed yet)."""
@@ -44,7 +45,9 @@ class _Regions:
         return out
 
     def consume(self, count: int) -> None:
+        count = min(count, self.remaining)
         self.consumed += count
+        self.remaining -= count
         while count > 0 and self.index < len(self.regions):
             n = self.regions[self.index][1]
             take = min(count, n - self.offset)
@@ -67,6 +70,7 @@ class _Regions:
             else:
                 self.regions[-1] = (addr, n - take)
             count -= take
+            self.remaining -= take
         return tail
 
 
