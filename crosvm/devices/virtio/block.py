@@ -64,7 +64,6 @@ class Block(V.VirtioDevice):
         self.block_size = block_size
         self.id = id
         self.queue_size = queue_size
-        self.worker: V.QueueWorker | None = None
 
     def debug_label(self) -> str:
         return f"block {self.disk.path}"
@@ -192,12 +191,6 @@ class Block(V.VirtioDevice):
             "v_block", interrupt, [(0, event)],
             lambda _: V.process_queue(mem, queue, interrupt,
                                       lambda chain: self.process_chain(mem, chain)))
-
-    def reset(self) -> bool:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        return True
 
     def close(self) -> None:
         self.reset()

@@ -30,7 +30,6 @@ class Console(V.VirtioDevice):
     def __init__(self, output=None, label: str = "console") -> None:
         self.output = output
         self.label = label
-        self.worker: V.QueueWorker | None = None
         self._in: collections.deque[bytes] = collections.deque()
         self._in_len = 0
         self._lock = threading.Lock()
@@ -119,12 +118,6 @@ class Console(V.VirtioDevice):
         self.worker = V.QueueWorker(
             "v_console", interrupt, [(i, e) for i, _, e in queues], handle,
             extra=[(self.input_ready.fd, on_input)])
-
-    def reset(self) -> bool:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        return True
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,6 @@ class Rng(V.VirtioDevice):
 
     def __init__(self, source: str = "/dev/urandom") -> None:
         self.random_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        self.worker: V.QueueWorker | None = None
 
     def queue_max_sizes(self) -> list[int]:
         return [QUEUE_SIZE]
@@ -41,12 +40,6 @@ class Rng(V.VirtioDevice):
         self.worker = V.QueueWorker(
             "v_rng", interrupt, [(0, event)],
             lambda _: V.process_queue(mem, queue, interrupt, fill))
-
-    def reset(self) -> bool:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        return True
 
     def close(self) -> None:
         self.reset()

@@ -96,6 +96,7 @@ class VirtioDevice:
     """Base class: override the type, queue sizes, features, config and `activate`."""
 
     device_type: int = 0
+    worker: "QueueWorker | None" = None  # set by activate()
 
     def debug_label(self) -> str:
         return type(self).__name__
@@ -127,8 +128,11 @@ class VirtioDevice:
         raise NotImplementedError
 
     def reset(self) -> bool:
-        """Stop the worker and forget the queues; False if the device cannot reset."""
-        return False
+        """Stop the worker (it owns the queues); False if the device cannot reset."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        return True
 
     def keep_fds(self) -> list[int]:
         """File descriptors the device needs besides guest memory and its events."""
