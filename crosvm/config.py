@@ -65,6 +65,8 @@ class Config:
     no_i8042: bool = False
     no_rtc: bool = False
     no_rng: bool = False
+    disable_sandbox: bool = False
+    pivot_root: str = "/var/empty"
     disks: list[DiskOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 

@@ -155,6 +155,8 @@ def _build_config(values: dict[str, Any]) -> Config:
     cfg.no_i8042 = bool(values.get("no-i8042", False))
     cfg.no_rtc = bool(values.get("no-rtc", False))
     cfg.no_rng = bool(values.get("no-rng", False))
+    cfg.disable_sandbox = bool(values.get("disable-sandbox", False))
+    cfg.pivot_root = values.get("pivot-root", cfg.pivot_root)
     for b in values.get("block", []):
         full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
         cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))

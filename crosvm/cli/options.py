@@ -103,8 +103,9 @@ RUN_OPTIONS: list[Option] = [
     Option("no-i8042", "flag", "do not emulate the i8042 keyboard controller"),
     Option("no-rtc", "flag", "do not emulate the CMOS real-time clock"),
     Option("no-rng", "flag", "do not add a virtio-rng device"),
-    Option("disable-sandbox", "flag", "run devices without a sandbox (devices are not "
-           "sandboxed yet either way)"),
+    Option("disable-sandbox", "flag", "run every device in the VMM process, unjailed"),
+    Option("pivot-root", "value", "empty directory the device jails pivot into "
+           "(default /var/empty)", value_type="path", metavar="DIR"),
     Option("cfg", "value", "JSON configuration file (may repeat; the command line wins)",
            multi=True, value_type="path", in_config=False, metavar="FILE"),
 ]

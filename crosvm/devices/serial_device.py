@@ -49,27 +49,48 @@ class FdOutput:
             self._line_start = byte == 0x0A
         return bytes(out)
 
+    def fds(self) -> list[int]:
+        return [self.fd]
+
     def close(self) -> None:
         if self.owned:
             os.close(self.fd)
 
 
 class SyslogOutput:
-    """Sends whole lines to syslog."""
+    """Sends whole lines to syslog, over its own /dev/log socket when there is one
+    (a held fd keeps working inside a device jail, which has no /dev/log)."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, path: str = "/dev/log") -> None:
         self._buf = bytearray()
         self._tag = tag
+        self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            self.sock = None
 
     def write(self, data: bytes) -> None:
         self._buf += data
         while b"\n" in self._buf:
             line, _, rest = self._buf.partition(b"\n")
-            syslog.syslog(syslog.LOG_INFO, f"{self._tag}: {line.decode(errors='replace')}")
+            text = f"{self._tag}: {line.decode(errors='replace')}"
+            if self.sock is not None:
+                try:
+                    self.sock.send(f"<{syslog.LOG_USER | syslog.LOG_INFO}>{text}".encode())
+                except OSError:
+                    pass
+            else:
+                syslog.syslog(syslog.LOG_INFO, text)
             self._buf = bytearray(rest)
 
+    def fds(self) -> list[int]:
+        return [self.sock.fileno()] if self.sock is not None else []
+
     def close(self) -> None:
-        pass
+        if self.sock is not None:
+            self.sock.close()
 
 
 class UnixOutput:
@@ -94,6 +115,9 @@ class UnixOutput:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def fds(self) -> list[int]:
+        return [self.sock.fileno()]
 
     def close(self) -> None:
         self.sock.close()

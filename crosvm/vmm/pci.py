@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from crosvm.arch.x86_64 import layout as L
 from crosvm.arch.x86_64.acpi import PciLayout
 from crosvm.base import Event, IrqLevelEvent
 from crosvm.devices.bus import Bus, BusDevice
 from crosvm.devices.pci import BarType, PciBarRegion, PciConfigIo, PciConfigMmio, PciDevice, PciRoot
+from crosvm.devices.proxy import HostRequests
 from crosvm.devices.virtio.virtio_device import VirtioDevice
 from crosvm.devices.virtio.virtio_pci import VirtioPciDevice
 from crosvm.hypervisor.kvm import KvmVm
@@ -47,12 +49,23 @@ def high_mmio_range(mem_size: int, phys_bits: int) -> tuple[int, int]:
     return start, end - start
 
 
+# spawn(device, name, keep_fds, host, start) -> the proxy that replaces the device.
+SpawnFn = Callable[[PciDevice, str, list[int], HostRequests, Callable[[], None] | None],
+                   PciDevice]
+
+
 class PciSetup:
-    """Builds bus 0 for one VM, wiring each device to KVM as it is added."""
+    """Builds bus 0 for one VM, wiring each device to KVM as it is added.
+
+    With `spawn`, each device is moved into its own process once its BARs and
+    interrupts are set up, and a proxy takes its place on the buses.
+    """
 
     def __init__(self, vm: KvmVm, mem: GuestMemory, io_bus: Bus, mmio_bus: Bus,
-                 mem_size: int, phys_bits: int, reset_port: BusDevice | None) -> None:
+                 mem_size: int, phys_bits: int, reset_port: BusDevice | None,
+                 spawn: SpawnFn | None = None) -> None:
         self.vm = vm
+        self.spawn = spawn
         self.mem = mem
         self.mmio_bus = mmio_bus
         self.root = PciRoot()
@@ -77,8 +90,10 @@ class PciSetup:
         self.next_irq = FIRST_PCI_IRQ if irq >= LAST_IOAPIC_PIN else irq + 1
         return irq
 
-    def add_virtio(self, device: VirtioDevice) -> VirtioPciDevice:
-        """Wrap a virtio device in the PCI transport and add it."""
+    def add_virtio(self, device: VirtioDevice, keep_fds: list[int] | None = None,
+                   start: Callable[[], None] | None = None) -> VirtioPciDevice:
+        """Wrap a virtio device in the PCI transport and add it. `start` runs where the
+        device runs (its process, when sandboxed) before it serves the guest."""
         num = VirtioPciDevice.num_msix_vectors(device)
         gsis = list(range(self.next_gsi, self.next_gsi + num))
         self.next_gsi += num
@@ -90,24 +105,28 @@ class PciSetup:
             self._events.append(event)
 
         def route(vector: int, address: int, data: int) -> None:
-            self.vm.set_msi_route(gsis[vector], address, data)
+            if 0 <= vector < len(gsis):  # the request may come from an untrusted process
+                self.vm.set_msi_route(gsis[vector], address, data)
 
-        pci_dev = VirtioPciDevice(device, self.mem, irqfds, route)
-        self.add(pci_dev)
+        host = HostRequests(route=route)
+        pci_dev = VirtioPciDevice(device, self.mem, irqfds, host.set_msi_route)
+        fds = [e.fd for e in pci_dev.queue_events] + [e.fd for e in irqfds]
+        fds += device.keep_fds() + list(keep_fds or [])
+        self.add(pci_dev, host, fds, start)
         for event, addr in pci_dev.notify_addresses():
             # Linux kicks with a 16-bit write of the queue index.
             self.vm.register_ioevent(event.fd, addr, 2, pio=False)
         return pci_dev
 
-    def add(self, device: PciDevice) -> None:
+    def add(self, device: PciDevice, host: HostRequests | None = None,
+            keep_fds: list[int] | None = None, start: Callable[[], None] | None = None) -> None:
         address = self.root.add_device(device)
         bars = device.bar_specs()
         for bar in bars:
             allocator = self.high if bar.type is BarType.MEM64 else self.low
             bar.address = allocator.allocate(bar.size)
         device.assign_bars(bars)
-        for bar in bars:
-            self.mmio_bus.insert(PciBarRegion(device, bar), bar.address, bar.size)
+        fds = [self.mem.memfd] + list(keep_fds or [])
         if device.wants_intx():
             irq = self._allocate_irq()
             line = IrqLevelEvent()
@@ -115,7 +134,17 @@ class PciSetup:
             self._events.append(line)
             device.assign_irq(line, 1, irq)
             self.intx.append((address.dev, 0, irq))
+            fds += [line.trigger.fd, line.resample.fd]
         device.on_setup()
+        target = device
+        if self.spawn is not None:
+            name = f"pci{address.dev:02x}_{device.debug_label().split()[-1]}"
+            target = self.spawn(device, name, fds, host or HostRequests(), start)
+            self.root.devices[address] = target
+        elif start is not None:
+            start()
+        for bar in bars:
+            self.mmio_bus.insert(PciBarRegion(target, bar), bar.address, bar.size)
         self.devices.append(device)
         log.debug("pci %s: %s, BARs %s", address, device.debug_label(),
                   ", ".join(f"{b.index}@{b.address:#x}+{b.size:#x}" for b in bars))

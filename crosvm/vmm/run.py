@@ -20,6 +20,8 @@ from crosvm.devices.bus import Bus
 from crosvm.devices.cmos import Cmos
 from crosvm.devices.i8042 import I8042
 from crosvm.devices.serial import Serial
+from crosvm.devices.pci import PciDevice
+from crosvm.devices.proxy import BusProxy, DeviceProcess, HostRequests, PciProxy, describe_status
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
@@ -27,6 +29,7 @@ from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, RawDisk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
+from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vmm.exit import ExitCode, ExitState
@@ -68,6 +71,11 @@ def kernel_cmdline(cfg: Config) -> str:
     return " ".join(parts)
 
 
+def _input_starter(fd: int, sink, name: str):
+    """Starts host input where the device runs (inside its process when sandboxed)."""
+    return lambda: InputThread(fd, sink, name).start()
+
+
 class Vm:
     """A built VM: memory, buses, devices and vCPUs, ready to `run()`."""
 
@@ -79,6 +87,11 @@ class Vm:
         self._closers: list = []
         self._input_threads: list[InputThread] = []
         self._serials: list[Serial] = []
+        self.processes: list[DeviceProcess] = []
+        self.jail: Jail | None = None
+        if not cfg.disable_sandbox:
+            ensure_pivot_root(cfg.pivot_root)
+            self.jail = Jail(pivot_root=cfg.pivot_root)
         self.kvm = Kvm(cfg.hypervisor_device)
         self.vm = KvmVm(self.kvm)
         self.mem_size = cfg.mem_mib << 20
@@ -105,20 +118,57 @@ class Vm:
             self._irq_events[irq] = event
         return self._irq_events[irq]
 
+    # -- device processes -------------------------------------------------------
+    def _device_died(self, what: str) -> None:
+        self.exit_state.request(ExitCode.VM_CRASH, f"device process died: {what}")
+
+    def _spawn(self, device: object, name: str, keep_fds: list[int], host: HostRequests,
+               start=None) -> DeviceProcess:
+        proc = DeviceProcess(device, name, keep_fds, self.jail, host, start)
+        self.processes.append(proc)
+        return proc
+
+    def _spawn_pci(self, device: PciDevice, name: str, keep_fds: list[int],
+                   host: HostRequests, start=None) -> PciDevice:
+        return PciProxy(self._spawn(device, name, keep_fds, host, start), device, host,
+                        self._device_died)
+
+    def _check_processes(self) -> None:
+        """A device process that ended on its own is a crash of the VM (exit 33)."""
+        for proc in self.processes:
+            if proc.status is not None:
+                continue
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                proc.dead = True
+                proc.status = status
+                log.error("device %s (pid %d) %s", proc.name, proc.pid, describe_status(status))
+                self.exit_state.request(ExitCode.VM_CRASH, f"device {proc.name} died")
+
     def _add_devices(self) -> None:
         cfg = self.cfg
         for params in cfg.uarts():
             out = open_output(params)
             if out is not None:
                 self._closers.append(out.close)
-            serial = Serial(self.irq_event(SERIAL_IRQS[params.num]), out,
-                            label=f"serial{params.num}")
-            self.io_bus.insert(serial, SERIAL_PORTS[params.num], SERIAL_PORT_LEN)
-            self._serials.append(serial)
+            irq = self.irq_event(SERIAL_IRQS[params.num])
+            label = f"serial{params.num}"
+            serial = Serial(irq, out, label=label)
             in_fd = open_input(params, out)
+            if self.jail is None:
+                self.io_bus.insert(serial, SERIAL_PORTS[params.num], SERIAL_PORT_LEN)
+                self._serials.append(serial)
+                if in_fd is not None:
+                    self._input_threads.append(InputThread(in_fd, serial, f"{label}_input"))
+                continue
+            fds = [irq.fd] + (out.fds() if out is not None else [])
+            start = None
             if in_fd is not None:
-                self._input_threads.append(
-                    InputThread(in_fd, serial, name=f"serial{params.num}_input"))
+                fds.append(in_fd)
+                start = _input_starter(in_fd, serial, f"{label}_input")
+            proc = self._spawn(serial, label, fds, HostRequests(), start)
+            self.io_bus.insert(BusProxy(proc, label, HostRequests(), self._device_died),
+                               SERIAL_PORTS[params.num], SERIAL_PORT_LEN)
         if not cfg.no_rtc:
             below = min(self.mem_size, L.END_ADDR_BEFORE_32BITS)
             self.io_bus.insert(Cmos(below, self.mem_size - below), CMOS_PORT, 2)
@@ -135,7 +185,8 @@ class Vm:
         """Bus 0 in a fixed order, so one command line always gives the same `lspci`."""
         cfg = self.cfg
         self.pci = PciSetup(self.vm, self.mem, self.io_bus, self.mmio_bus, self.mem_size,
-                            phys_address_bits(self._cpuid), reset_port=self.acpi_pm)
+                            phys_address_bits(self._cpuid), reset_port=self.acpi_pm,
+                            spawn=self._spawn_pci if self.jail is not None else None)
         self._closers.append(self.pci.close)
         for disk in cfg.disks:
             raw = RawDisk(disk.path, read_only=disk.ro, direct=disk.direct, sparse=disk.sparse)
@@ -148,13 +199,20 @@ class Vm:
             if out is not None:
                 self._closers.append(out.close)
             console = Console(out, label=f"console{params.num}")
-            self.pci.add_virtio(console)
             in_fd = open_input(params, out)
+            fds = [console.input_ready.fd] + (out.fds() if out is not None else [])
+            start = None
             if in_fd is not None:
-                self._input_threads.append(
-                    InputThread(in_fd, console, name=f"console{params.num}_input"))
-        self.pci.add(PvPanic(lambda: self.exit_state.request(
-            ExitCode.GUEST_PANIC, "the guest kernel panicked")))
+                fds.append(in_fd)
+                start = _input_starter(in_fd, console, f"console{params.num}_input")
+            self.pci.add_virtio(console, fds, start)
+
+        def panic_exit(code: int) -> None:
+            if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
+                self.exit_state.request(ExitCode.GUEST_PANIC, "the guest kernel panicked")
+
+        host = HostRequests(exit=panic_exit)
+        self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -194,7 +252,7 @@ class Vm:
             v.start()
         try:
             while not self.exit_state.wait(0.5):
-                pass
+                self._check_processes()
         except KeyboardInterrupt:
             self.exit_state.request(ExitCode.SUCCESS)
         self._kick_all()
@@ -207,6 +265,11 @@ class Vm:
             v.kick()
 
     def close(self) -> None:
+        for proc in self.processes:
+            proc.shutdown()
+        for proc in self.processes:
+            if proc.status is None:
+                proc.status = proc.reap()
         for t in self._input_threads:
             t.stop()
         for s in self._serials:
@@ -234,7 +297,7 @@ def run_config(cfg: Config) -> ExitCode:
     try:
         cfg.validate()
         vm = Vm(cfg)
-    except (ConfigError, KernelLoaderError, BootError, DiskError) as e:
+    except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
     except (KvmError, GuestMemoryError, SerialError, OSError) as e:

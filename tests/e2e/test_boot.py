@@ -27,8 +27,14 @@ HELLO = os.urandom(100_000)
 RO_PATTERN = bytes(range(256)) * 4096   # 1 MiB
 
 
+@pytest.fixture(scope="module", params=["sandboxed", "disable-sandbox"])
+def mode(request) -> str:
+    """Every check runs against a sandboxed VM (the default) and a --disable-sandbox one."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def disks(tmp_path_factory):
+def disks(mode, tmp_path_factory):
     """vda: ext4 with a known file; vdb: sparse raw scratch; vdc: read-only raw."""
     d = tmp_path_factory.mktemp("disks")
     data = make_ext4(str(d / "data.img"), 64, files={"hello.bin": HELLO})
@@ -46,11 +52,13 @@ def disks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vm(kernel, initramfs, disks, tmp_path_factory):
+def vm(mode, kernel, initramfs, disks, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
     extra = ("--block", f"{disks['data']},id=data-disk", "--block", disks["scratch"],
              "--block", f"{disks['ro']},ro",
              "--serial", f"type=file,path={disks['hvc']},hardware=virtio-console,num=1")
+    if mode == "disable-sandbox":
+        extra += ("--disable-sandbox",)
     with GuestVm(kernel, initramfs, workdir, cpus=CPUS, mem=MEM_MIB,
                  params=(MARKER_PARAM,), extra_args=extra) as guest:
         guest.wait_ready()
@@ -222,3 +230,32 @@ def test_virtio_console_port_output_reaches_its_file(vm, disks):
     while time.time() < deadline and "hvc-marker-93f" not in open(disks["hvc"]).read():
         time.sleep(0.2)
     assert "hvc-marker-93f" in open(disks["hvc"]).read()
+
+
+def device_processes(vm) -> list[int]:
+    """The jailed device processes: grandchildren of crosvm (each jail has a reaper)."""
+    pids = []
+    for child in open(f"/proc/{vm.proc.pid}/task/{vm.proc.pid}/children").read().split():
+        pids += open(f"/proc/{child}/task/{child}/children").read().split()
+    return [int(p) for p in pids]
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return {k: v.strip() for k, v in
+            (line.split(":", 1) for line in open(f"/proc/{pid}/status"))}
+
+
+def test_every_device_runs_in_its_own_jailed_process(vm, mode):
+    pids = device_processes(vm)
+
+    if mode == "disable-sandbox":
+        assert pids == []
+        return
+    # 4 UARTs, 3 disks, rng, virtio-console, pvpanic
+    assert len(pids) == 10
+    for pid in pids:
+        status = proc_status(pid)
+        assert status["NoNewPrivs"] == "1"
+        assert status["CapEff"] == "0000000000000000"
+        assert status["NSpid"].split()[-1] == "1"   # PID 1 of its own namespace
+        assert os.listdir(f"/proc/{pid}/root") == []

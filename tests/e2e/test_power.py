@@ -3,6 +3,7 @@ shared VM is gone, so they do not compete for the host's cores)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -13,15 +14,22 @@ from tests.guest_vm import GuestVm
 pytestmark = pytest.mark.e2e
 
 
-def test_guest_poweroff_exits_0(bzimage, initramfs, tmp_path):
+def test_guest_poweroff_exits_0_and_leaves_no_device_process(bzimage, initramfs, tmp_path):
     # Boots the bzImage, so this also proves the bzImage loader end to end.
     with GuestVm(bzimage, initramfs, str(tmp_path), cpus=1, mem=128) as guest:
         guest.wait_ready()
+        pid = guest.proc.pid
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        grandchildren = [g for c in children
+                         for g in open(f"/proc/{c}/task/{c}/children").read().split()]
         guest.send("poweroff -f")
 
         code = guest.wait_exit()
 
+    alive = [p for p in children + grandchildren if os.path.exists(f"/proc/{p}")]
     assert code == 0
+    assert len(grandchildren) >= 6   # 4 UARTs, rng, pvpanic, each jailed
+    assert alive == []
 
 
 def test_guest_reboot_exits_32(kernel, initramfs, tmp_path):
@@ -69,3 +77,4 @@ def test_root_disk_boots_as_root_over_intx_and_keeps_synced_write(kernel, rootfs
     assert write.returncode == 0
     assert code == 0
     assert on_host == "written-in-guest\n"
+

@@ -1,0 +1,288 @@
+"""ProxyDevice: a device forked into its own (jailed) process, as crosvm runs them.
+
+The parent keeps a proxy on the bus that forwards reads and writes (bus, PCI config
+and BAR accesses) over a SOCK_SEQPACKET socketpair; the child serves them. Guest
+memory is shared through the memfd mapping; ioeventfds, irqfds and the device's own
+fds are the only other descriptors the child keeps. Queue kicks and interrupts go
+straight between KVM and the child.
+
+What the child asks of the VMM (MSI-X routes, an exit) comes back with each reply as
+plain structs, and the parent validates it: the child is not trusted, so nothing it
+sends is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import threading
+from typing import Callable
+
+from crosvm.devices.bus import BusDevice
+from crosvm.devices.pci.device import PciDevice
+from crosvm.jail import Jail, set_name
+
+log = logging.getLogger(__name__)
+
+# Requests: op, index (BAR), length, offset (bus offset / register / BAR offset),
+# extra (bus address / byte within register), then data.
+REQ = struct.Struct("<BBBQQ")
+OP_BUS_READ, OP_BUS_WRITE, OP_CFG_READ, OP_CFG_WRITE, OP_BAR_READ, OP_BAR_WRITE = range(1, 7)
+OP_SHUTDOWN = 15
+# Reply: status, number of actions; then data, then actions.
+REPLY = struct.Struct("<BB")
+ACTION_ROUTE = struct.Struct("<BHQI")    # kind 1: vector, address, data
+ACTION_EXIT = struct.Struct("<BB")       # kind 2: exit code
+MAX_MSG = 4096
+REPLY_TIMEOUT = 10.0
+
+
+class DeviceDied(Exception):
+    """The device process is gone (crashed, or killed by its seccomp policy)."""
+
+
+class HostRequests:
+    """What a device may ask of the VMM. In-process the calls go straight through;
+    in a device process they are queued and sent back with the next reply."""
+
+    def __init__(self, route: Callable[[int, int, int], None] | None = None,
+                 exit: Callable[[int], None] | None = None) -> None:
+        self._route = route
+        self._exit = exit
+        self.queued: list[bytes] | None = None
+
+    def set_msi_route(self, vector: int, address: int, data: int) -> None:
+        if self.queued is not None:
+            self.queued.append(ACTION_ROUTE.pack(1, vector, address, data))
+        elif self._route is not None:
+            self._route(vector, address, data)
+
+    def request_exit(self, code: int) -> None:
+        if self.queued is not None:
+            self.queued.append(ACTION_EXIT.pack(2, code))
+        elif self._exit is not None:
+            self._exit(code)
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    last = 0
+    for fd in sorted(keep) + [limit]:
+        if fd > last:
+            os.closerange(last, fd)
+        last = fd + 1
+
+
+def _serve(device: object, sock: socket.socket, host: HostRequests) -> None:
+    is_pci = isinstance(device, PciDevice)
+    while True:
+        try:
+            msg = sock.recv(MAX_MSG)
+        except InterruptedError:
+            continue
+        if len(msg) < REQ.size:
+            return  # the VMM closed the socket
+        op, index, length, offset, extra = REQ.unpack_from(msg)
+        length = min(length, 8)
+        data = msg[REQ.size:]
+        out = b""
+        host.queued = []
+        if op == OP_SHUTDOWN:
+            return
+        if op == OP_BUS_READ:
+            buf = bytearray(length)
+            device.read(offset, extra, memoryview(buf))
+            out = bytes(buf)
+        elif op == OP_BUS_WRITE:
+            device.write(offset, extra, data)
+        elif is_pci and op == OP_CFG_READ:
+            out = struct.pack("<I", device.read_config_register(offset) & 0xFFFF_FFFF)
+        elif is_pci and op == OP_CFG_WRITE:
+            device.write_config_register(offset, extra, data)
+        elif is_pci and op == OP_BAR_READ:
+            buf = bytearray(length)
+            device.read_bar(index, offset, memoryview(buf))
+            out = bytes(buf)
+        elif is_pci and op == OP_BAR_WRITE:
+            device.write_bar(index, offset, data)
+        actions = host.queued[:255]
+        sock.send(REPLY.pack(0, len(actions)) + bytes([len(out)]) + out + b"".join(actions))
+
+
+class DeviceProcess:
+    """Forks `device` into a child that serves it; the parent keeps the socket.
+
+    `keep_fds` are the only fds the child keeps (plus stderr for its log). `start`
+    runs in the child after jailing (to start input threads, say).
+    """
+
+    def __init__(self, device: object, name: str, keep_fds: list[int], jail: Jail | None,
+                 host: HostRequests, start: Callable[[], None] | None = None) -> None:
+        self.name = name
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the device process
+            status = 1
+            try:
+                parent_sock.close()
+                from crosvm.jail.jail import PR_SET_PDEATHSIG, prctl
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2})
+                set_name(name)
+                if jail is not None:
+                    jail.enter()
+                    set_name(name)
+                host.queued = []
+                if start is not None:
+                    start()
+                _serve(device, child_sock, host)
+                status = 0
+            except BaseException:  # noqa: BLE001 - report and die, never return to the VMM
+                log.exception("%s: device process failed", name)
+            finally:
+                os._exit(status)
+        child_sock.close()
+        self.pid = pid
+        self.sock = parent_sock
+        self.sock.settimeout(REPLY_TIMEOUT)
+        self._lock = threading.Lock()
+        self.dead = False
+        self.status: int | None = None  # wait status once reaped
+
+    def call(self, op: int, index: int = 0, length: int = 0, offset: int = 0, extra: int = 0,
+             data: bytes | memoryview = b"") -> tuple[bytes, list[bytes]]:
+        """One request/reply round trip; returns (data, raw actions)."""
+        with self._lock:
+            if self.dead:
+                raise DeviceDied(self.name)
+            try:
+                self.sock.send(REQ.pack(op, index, length, offset, extra) + bytes(data))
+                reply = self.sock.recv(MAX_MSG)
+            except OSError as e:
+                self.dead = True
+                raise DeviceDied(f"{self.name}: {e}") from None
+            if len(reply) < REPLY.size + 1:
+                self.dead = True
+                raise DeviceDied(f"{self.name}: device process exited")
+        _, n_actions = REPLY.unpack_from(reply)
+        n = reply[REPLY.size]
+        out = reply[REPLY.size + 1:REPLY.size + 1 + n]
+        rest = reply[REPLY.size + 1 + n:]
+        actions = []
+        while rest and len(actions) < n_actions:
+            size = ACTION_ROUTE.size if rest[0] == 1 else ACTION_EXIT.size
+            actions.append(rest[:size])
+            rest = rest[size:]
+        return out, actions
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self.dead:
+                try:
+                    self.sock.send(REQ.pack(OP_SHUTDOWN, 0, 0, 0, 0))
+                except OSError:
+                    pass
+            self.dead = True
+        self.sock.close()
+
+    def reap(self, timeout: float = 2.0) -> int | None:
+        """Wait for the child; kill it if it does not go. Returns its wait status."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return status
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                return os.waitpid(self.pid, 0)[1]
+            time.sleep(0.02)
+
+
+def describe_status(status: int) -> str:
+    """How a device process ended, in words (the jail's reaper mirrors signals as 128+n)."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0 or code > 128:
+        sig = -code if code < 0 else code - 128
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        if sig == signal.SIGSYS:
+            return f"killed by {name}: a syscall outside its seccomp policy"
+        return f"killed by {name}"
+    return f"exited with status {code}"
+
+
+class ProxyBase:
+    """Turns replies' actions into VMM calls, and a dead device into a VM crash."""
+
+    def __init__(self, proc: DeviceProcess, host: HostRequests,
+                 on_death: Callable[[str], None]) -> None:
+        self.proc = proc
+        self.host = host
+        self.on_death = on_death
+
+    def _call(self, op: int, **kw) -> bytes | None:
+        try:
+            out, actions = self.proc.call(op, **kw)
+        except DeviceDied as e:
+            self.on_death(str(e))
+            return None
+        for raw in actions:
+            if raw[0] == 1 and len(raw) == ACTION_ROUTE.size:
+                _, vector, address, data = ACTION_ROUTE.unpack(raw)
+                self.host.set_msi_route(vector, address, data)
+            elif raw[0] == 2 and len(raw) == ACTION_EXIT.size:
+                self.host.request_exit(raw[1])
+        return out
+
+
+def _fill(data: memoryview, out: bytes | None) -> None:
+    n = len(data)
+    data[:] = (out or b"")[:n].ljust(n, b"\xff" if out is None else b"\0")
+
+
+class BusProxy(ProxyBase, BusDevice):
+    """A bus device served by a device process."""
+
+    def __init__(self, proc: DeviceProcess, label: str, host: HostRequests,
+                 on_death: Callable[[str], None]) -> None:
+        super().__init__(proc, host, on_death)
+        self.label = label
+
+    def debug_label(self) -> str:
+        return f"{self.label} (sandboxed)"
+
+    def read(self, offset: int, address: int, data: memoryview) -> None:
+        _fill(data, self._call(OP_BUS_READ, length=len(data), offset=offset, extra=address))
+
+    def write(self, offset: int, address: int, data: bytes | memoryview) -> None:
+        self._call(OP_BUS_WRITE, offset=offset, extra=address, data=data)
+
+
+class PciProxy(ProxyBase, PciDevice):
+    """A PCI function served by a device process; config and BARs cross the socket."""
+
+    def __init__(self, proc: DeviceProcess, device: PciDevice, host: HostRequests,
+                 on_death: Callable[[str], None]) -> None:
+        super().__init__(proc, host, on_death)
+        self.label = device.debug_label()
+        self.config = device.config  # the parent's copy is only for setup-time facts
+
+    def debug_label(self) -> str:
+        return f"{self.label} (sandboxed)"
+
+    def read_config_register(self, reg: int) -> int:
+        out = self._call(OP_CFG_READ, offset=reg)
+        return struct.unpack("<I", out)[0] if out and len(out) == 4 else 0xFFFF_FFFF
+
+    def write_config_register(self, reg: int, offset: int, data: bytes | memoryview) -> None:
+        self._call(OP_CFG_WRITE, offset=reg, extra=offset, data=data)
+
+    def read_bar(self, index: int, offset: int, data: memoryview) -> None:
+        _fill(data, self._call(OP_BAR_READ, index=index, length=len(data), offset=offset))
+
+    def write_bar(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        self._call(OP_BAR_WRITE, index=index, offset=offset, data=data)
