@@ -20,11 +20,13 @@ import signal
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.device import PciDevice
 from crosvm.jail import Jail, set_name
+from crosvm.jail.jail import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,9 @@ class DeviceProcess:
             status = 1
             try:
                 parent_sock.close()
-                from crosvm.jail.jail import PR_SET_PDEATHSIG, prctl
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                # Ctrl-C on the terminal is for the VMM (exit 0), not a device crash.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2})
                 set_name(name)
                 if jail is not None:
@@ -191,7 +194,6 @@ class DeviceProcess:
 
     def reap(self, timeout: float = 2.0) -> int | None:
         """Wait for the child; kill it if it does not go. Returns its wait status."""
-        import time
         deadline = time.monotonic() + timeout
         while True:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
