@@ -166,8 +166,9 @@ class Vm:
             if in_fd is not None:
                 fds.append(in_fd)
                 start = _input_starter(in_fd, serial, f"{label}_input")
-            proc = self._spawn(serial, label, fds, HostRequests(), start)
-            self.io_bus.insert(BusProxy(proc, label, HostRequests(), self._device_died),
+            host = HostRequests()  # a UART asks nothing of the VMM
+            proc = self._spawn(serial, label, fds, host, start)
+            self.io_bus.insert(BusProxy(proc, label, host, self._device_died),
                                SERIAL_PORTS[params.num], SERIAL_PORT_LEN)
         if not cfg.no_rtc:
             below = min(self.mem_size, L.END_ADDR_BEFORE_32BITS)
