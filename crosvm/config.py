@@ -67,6 +67,8 @@ class Config:
     no_rng: bool = False
     disable_sandbox: bool = False
     pivot_root: str = "/var/empty"
+    seccomp_policy_dir: str | None = None  # None: the policies shipped with the package
+    seccomp_log_failures: bool = False
     disks: list[DiskOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 

@@ -8,6 +8,7 @@ COM2 is a pair of pipes handed to crosvm as /proc/self/fd/N paths.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -49,9 +50,11 @@ class GuestVm:
 
     def __init__(self, kernel: str, initrd: str | None, workdir: str, cpus: int = 1,
                  mem: int = 256, params: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
-                 console_hardware: str = "serial", mode: str = "agent") -> None:
+                 console_hardware: str = "serial", mode: str = "agent",
+                 env: dict[str, str] | None = None) -> None:
         """`initrd=None` boots from a root disk in `extra_args`; `console_hardware`
-        `virtio-console` makes hvc0 the console (written to `console_path`)."""
+        `virtio-console` makes hvc0 the console (written to `console_path`); `env` is
+        added to crosvm's environment."""
         self.workdir = workdir
         self.console_path = os.path.join(workdir, "console.log")
         self.log_path = os.path.join(workdir, "crosvm.log")
@@ -69,10 +72,13 @@ class GuestVm:
                                  f"hardware={console_hardware}",
                      "--serial", f"type=file,path=/proc/self/fd/{out_w},"
                                  f"input=/proc/self/fd/{in_r},num=2",
-                     "-p", cmdline, *extra_args, kernel]
+                     "-p", cmdline, *extra_args,
+                     # For debugging a run, e.g. "--seccomp-log-failures".
+                     *shlex.split(os.environ.get("CROSVM_TEST_EXTRA_ARGS", "")), kernel]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, pass_fds=(out_w, in_r), stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
         os.close(out_w)
         os.close(in_r)
         self._in = in_w

@@ -20,7 +20,9 @@ class Event:
 
     def drain(self) -> int:
         """Reset the counter without blocking; returns what it was."""
-        if select.select([self.fd], [], [], 0)[0]:
+        poller = select.poll()  # not select(): fds above 1023 are fine
+        poller.register(self.fd, select.POLLIN)
+        if poller.poll(0):
             return os.eventfd_read(self.fd)
         return 0
 

@@ -157,6 +157,8 @@ def _build_config(values: dict[str, Any]) -> Config:
     cfg.no_rng = bool(values.get("no-rng", False))
     cfg.disable_sandbox = bool(values.get("disable-sandbox", False))
     cfg.pivot_root = values.get("pivot-root", cfg.pivot_root)
+    cfg.seccomp_policy_dir = values.get("seccomp-policy-dir", cfg.seccomp_policy_dir)
+    cfg.seccomp_log_failures = bool(values.get("seccomp-log-failures", False))
     for b in values.get("block", []):
         full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
         cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))

@@ -106,6 +106,11 @@ RUN_OPTIONS: list[Option] = [
     Option("disable-sandbox", "flag", "run every device in the VMM process, unjailed"),
     Option("pivot-root", "value", "empty directory the device jails pivot into "
            "(default /var/empty)", value_type="path", metavar="DIR"),
+    Option("seccomp-policy-dir", "value", "directory of the devices' seccomp .policy files "
+           "(default: the ones shipped in crosvm/seccomp/x86_64)", value_type="path",
+           metavar="DIR"),
+    Option("seccomp-log-failures", "flag", "log syscalls outside a device's seccomp policy "
+           "(kernel audit log) instead of killing the device; for writing policies"),
     Option("cfg", "value", "JSON configuration file (may repeat; the command line wins)",
            multi=True, value_type="path", in_config=False, metavar="FILE"),
 ]

@@ -17,6 +17,9 @@ class BusError(Exception):
 class BusDevice:
     """Base class: a device reached through a Bus. Accesses outside it are ignored."""
 
+    # The seccomp policy file (seccomp/x86_64/<name>.policy) for its sandboxed process.
+    seccomp_policy: str | None = None
+
     def debug_label(self) -> str:
         return type(self).__name__
 

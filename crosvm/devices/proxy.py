@@ -25,7 +25,7 @@ from typing import Callable
 
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.device import PciDevice
-from crosvm.jail import Jail, set_name
+from crosvm.jail import Jail, JailError, set_name
 from crosvm.jail.jail import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,12 @@ class DeviceProcess:
     def __init__(self, device: object, name: str, keep_fds: list[int], jail: Jail | None,
                  host: HostRequests, start: Callable[[], None] | None = None) -> None:
         self.name = name
+        seccomp_filter = None
+        if jail is not None:
+            policy = getattr(device, "seccomp_policy", None)
+            if policy is None:
+                raise JailError(f"{name}: the device has no seccomp policy")
+            seccomp_filter = jail.filter_for(policy)  # compiled here, before the fork
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the device process
@@ -137,8 +143,7 @@ class DeviceProcess:
                 _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2})
                 set_name(name)
                 if jail is not None:
-                    jail.enter()
-                    set_name(name)
+                    jail.enter(seccomp_filter)
                 host.queued = []
                 if start is not None:
                     start()
@@ -192,14 +197,22 @@ class DeviceProcess:
             self.dead = True
         self.sock.close()
 
-    def reap(self, timeout: float = 2.0) -> int | None:
-        """Wait for the child; kill it if it does not go. Returns its wait status."""
+    def poll(self) -> int | None:
+        """The wait status if the process has ended, without blocking."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return status if pid else None
+
+    def reap(self, timeout: float = 2.0, kill: bool = True) -> int | None:
+        """Wait up to `timeout` for the child, then kill it (or with `kill=False`, give
+        up and return None). Returns its wait status."""
         deadline = time.monotonic() + timeout
         while True:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
+            status = self.poll()
+            if status is not None:
                 return status
             if time.monotonic() > deadline:
+                if not kill:
+                    return None
                 os.kill(self.pid, signal.SIGKILL)
                 return os.waitpid(self.pid, 0)[1]
             time.sleep(0.02)

@@ -26,6 +26,8 @@ BAR_SIZE = 0x10
 class PvPanic(PciDevice):
     """Calls `on_panic()` when the guest writes PANICKED."""
 
+    seccomp_policy = "pvpanic"
+
     def __init__(self, on_panic: Callable[[], None]) -> None:
         self.on_panic = on_panic
         self.config = PciConfiguration(PVPANIC_VENDOR_ID, PVPANIC_DEVICE_ID,

@@ -71,6 +71,8 @@ class SerialOutput(Protocol):
 class Serial(BusDevice):
     """One 16550A UART (8 registers)."""
 
+    seccomp_policy = "serial"
+
     def __init__(self, interrupt: Interrupt, out: SerialOutput | None = None,
                  label: str = "serial") -> None:
         self._interrupt = interrupt

@@ -3,7 +3,8 @@
 `Jail.enter()` runs in a freshly forked, single-threaded child. It unshares the user,
 PID, mount, IPC, UTS and network namespaces, maps the invoking user (root when run as
 root), forks once more so the device becomes PID 1 of its namespace, pivots into an
-empty directory, drops every capability, caps RLIMIT_NOFILE and sets NO_NEW_PRIVS.
+empty directory, drops every capability, caps RLIMIT_NOFILE, sets NO_NEW_PRIVS and, last,
+installs the device's seccomp filter (compiled in the VMM before the fork).
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import os
 import resource
 import signal
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crosvm.jail.policy import PolicyError, load_policy
+from crosvm.jail.seccomp import ACT_KILL_PROCESS, ACT_LOG, SeccompError, compile_filter, load_filter
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -39,16 +44,17 @@ SYS_CAPSET = 126
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 DEFAULT_PIVOT_ROOT = "/var/empty"
 DEFAULT_MAX_OPEN_FILES = 1024
+DEFAULT_SECCOMP_POLICY_DIR = str(Path(__file__).resolve().parent.parent / "seccomp" / "x86_64")
 
 
-class JailError(OSError):
+class JailError(Exception):
     """The jail could not be built; the message names the step."""
 
 
 def _check(what: str, result: int) -> int:
     if result < 0:
         err = ctypes.get_errno()
-        raise JailError(err, f"{what}: {os.strerror(err)}")
+        raise JailError(f"{what}: {os.strerror(err)}")
     return result
 
 
@@ -69,7 +75,7 @@ def ensure_pivot_root(path: str) -> None:
     try:
         os.makedirs(path, mode=0o755, exist_ok=True)
     except OSError as e:
-        raise JailError(e.errno, f"cannot create the sandbox's pivot root {path}: "
+        raise JailError(f"cannot create the sandbox's pivot root {path}: "
                                  f"{e.strerror} (use --pivot-root DIR)") from e
 
 
@@ -87,8 +93,25 @@ class Jail:
 
     pivot_root: str = DEFAULT_PIVOT_ROOT
     max_open_files: int = DEFAULT_MAX_OPEN_FILES
+    seccomp_policy_dir: str = DEFAULT_SECCOMP_POLICY_DIR
+    seccomp_log_failures: bool = False
+    _filters: dict[str, bytes] = field(default_factory=dict, repr=False)
 
-    def enter(self) -> None:
+    def filter_for(self, policy: str) -> bytes:
+        """The BPF for `<policy_dir>/<policy>.policy`, compiled once (call it before fork).
+
+        A syscall outside the policy kills the process (SIGSYS), or with
+        `seccomp_log_failures` is allowed and logged by the kernel."""
+        if policy not in self._filters:
+            path = Path(self.seccomp_policy_dir) / f"{policy}.policy"
+            default = ACT_LOG if self.seccomp_log_failures else ACT_KILL_PROCESS
+            try:
+                self._filters[policy] = compile_filter(load_policy(path).rules, default)
+            except (PolicyError, SeccompError) as e:
+                raise JailError(f"seccomp policy {policy}: {e}") from None
+        return self._filters[policy]
+
+    def enter(self, seccomp_filter: bytes | None = None) -> None:
         """Jail the calling process. Returns in the jailed grandchild only; the
         intermediate process waits for it and exits with its status."""
         uid, gid = os.getuid(), os.getgid()
@@ -109,6 +132,11 @@ class Jail:
         _check("capset", _libc.syscall(SYS_CAPSET, header, data))
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
         prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if seccomp_filter is not None:
+            try:
+                load_filter(seccomp_filter)
+            except SeccompError as e:
+                raise JailError(str(e)) from None
 
     @staticmethod
     def _map_ids(uid: int, gid: int) -> None:

@@ -42,6 +42,15 @@ class ExitState:
         for fn in self._listeners:
             fn()
 
+    def explain(self, code: ExitCode, message: str) -> None:
+        """Request `code`, or if it is already the reason, replace its message with a
+        better one (a device crash is seen first as a dead socket, then as a status)."""
+        with self._lock:
+            if self.code == code:
+                self.message = message
+                return
+        self.request(code, message)
+
     def poweroff(self) -> None:
         self.request(ExitCode.SUCCESS)
 

@@ -138,7 +138,8 @@ class PciSetup:
         device.on_setup()
         target = device
         if self.spawn is not None:
-            name = f"pci{address.dev:02x}_{device.debug_label().split()[-1]}"
+            inner = device.device if isinstance(device, VirtioPciDevice) else device
+            name = f"pci{address.dev:02x}_{type(inner).__name__.lower()}"  # the comm
             target = self.spawn(device, name, fds, host or HostRequests(), start)
             self.root.devices[address] = target
         elif start is not None:

@@ -22,6 +22,7 @@ from crosvm.devices.i8042 import I8042
 from crosvm.devices.serial import Serial
 from crosvm.devices.pci import PciDevice
 from crosvm.devices.proxy import BusProxy, DeviceProcess, HostRequests, PciProxy, describe_status
+from crosvm.devices import sandbox_probe
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
@@ -30,6 +31,7 @@ from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, RawDisk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
+from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vmm.exit import ExitCode, ExitState
@@ -89,9 +91,15 @@ class Vm:
         self._serials: list[Serial] = []
         self.processes: list[DeviceProcess] = []
         self.jail: Jail | None = None
+        self.audit: SeccompAuditLog | None = None
         if not cfg.disable_sandbox:
             ensure_pivot_root(cfg.pivot_root)
-            self.jail = Jail(pivot_root=cfg.pivot_root)
+            self.jail = Jail(pivot_root=cfg.pivot_root,
+                             seccomp_log_failures=cfg.seccomp_log_failures)
+            if cfg.seccomp_policy_dir is not None:
+                self.jail.seccomp_policy_dir = cfg.seccomp_policy_dir
+            self.audit = SeccompAuditLog()  # before any device runs: only this run counts
+            self._closers.append(self.audit.close)
         self.kvm = Kvm(cfg.hypervisor_device)
         self.vm = KvmVm(self.kvm)
         self.mem_size = cfg.mem_mib << 20
@@ -133,17 +141,42 @@ class Vm:
         return PciProxy(self._spawn(device, name, keep_fds, host, start), device, host,
                         self._device_died)
 
-    def _check_processes(self) -> None:
-        """A device process that ended on its own is a crash of the VM (exit 33)."""
+    def _check_processes(self, grace: float = 0.0) -> None:
+        """A device process that ended on its own is a crash of the VM (exit 33).
+
+        With `grace`, a process whose socket already failed is waited for that long,
+        so the report says how it died."""
         for proc in self.processes:
             if proc.status is not None:
                 continue
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
-            if pid:
-                proc.dead = True
-                proc.status = status
-                log.error("device %s (pid %d) %s", proc.name, proc.pid, describe_status(status))
-                self.exit_state.request(ExitCode.VM_CRASH, f"device {proc.name} died")
+            status = proc.reap(grace, kill=False) if grace and proc.dead else proc.poll()
+            if status is None:
+                continue
+            proc.dead = True
+            proc.status = status
+            how = describe_status(status)
+            if os.waitstatus_to_exitcode(status) in (-signal.SIGSYS, 128 + signal.SIGSYS):
+                how = self._seccomp_kill(proc.name)
+            log.error("device %s (pid %d) %s", proc.name, proc.pid, how)
+            self.exit_state.explain(ExitCode.VM_CRASH, f"device {proc.name} {how}")
+
+    def _seccomp_kill(self, name: str) -> str:
+        nr = self.audit.killing_syscall(name) if self.audit is not None else None
+        if nr is None:
+            return ("killed by SIGSYS: a syscall outside its seccomp policy (the kernel's "
+                    "audit log names it; /dev/kmsg was not readable or had no record)")
+        return (f"killed by SIGSYS: syscall {syscall_name(nr)} ({nr}) is outside its "
+                f"seccomp policy")
+
+    def _report_logged_syscalls(self) -> None:
+        """Under --seccomp-log-failures: what each device would have been killed for."""
+        if self.audit is None or not self.cfg.seccomp_log_failures:
+            return
+        for proc in self.processes:
+            nrs = self.audit.logged_syscalls(proc.name)
+            if nrs:
+                log.warning("device %s made syscalls outside its seccomp policy: %s", proc.name,
+                            ", ".join(f"{syscall_name(n)} ({n})" for n in sorted(nrs)))
 
     def _add_devices(self) -> None:
         cfg = self.cfg
@@ -214,6 +247,8 @@ class Vm:
 
         host = HostRequests(exit=panic_exit)
         self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
+        if os.environ.get(sandbox_probe.ENV) == "1":
+            self.pci.add(sandbox_probe.SandboxProbe())
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -256,6 +291,7 @@ class Vm:
                 self._check_processes()
         except KeyboardInterrupt:
             self.exit_state.request(ExitCode.SUCCESS)
+        self._check_processes(grace=1.0)  # name the device (and syscall) that ended the run
         self._kick_all()
         for v in self.vcpus:
             v.join(5.0)
@@ -266,6 +302,7 @@ class Vm:
             v.kick()
 
     def close(self) -> None:
+        self._report_logged_syscalls()
         for proc in self.processes:
             proc.shutdown()
         for proc in self.processes:
@@ -310,5 +347,8 @@ def run_config(cfg: Config) -> ExitCode:
     finally:
         terminal.restore()
         vm.close()
-    log.info("exiting with %s (%d)", code.name, code)
+    if vm.exit_state.message:
+        log.info("exiting with %s (%d): %s", code.name, code, vm.exit_state.message)
+    else:
+        log.info("exiting with %s (%d)", code.name, code)
     return code

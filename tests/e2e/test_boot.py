@@ -256,6 +256,7 @@ def test_every_device_runs_in_its_own_jailed_process(vm, mode):
     for pid in pids:
         status = proc_status(pid)
         assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2"             # a seccomp-BPF filter is installed
         assert status["CapEff"] == "0000000000000000"
         assert status["NSpid"].split()[-1] == "1"   # PID 1 of its own namespace
         assert os.listdir(f"/proc/{pid}/root") == []

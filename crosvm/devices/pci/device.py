@@ -16,6 +16,8 @@ class PciDevice:
     """
 
     config: PciConfiguration
+    # The seccomp policy file (seccomp/x86_64/<name>.policy) for its sandboxed process.
+    seccomp_policy: str | None = None
 
     def debug_label(self) -> str:
         return type(self).__name__

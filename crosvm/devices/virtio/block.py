@@ -53,6 +53,7 @@ class Block(V.VirtioDevice):
     """A virtio block device backed by a `RawDisk`."""
 
     device_type = V.TYPE_BLOCK
+    seccomp_policy = "block_device"
 
     def __init__(self, disk: RawDisk, block_size: int = SECTOR_SIZE, id: bytes | None = None,
                  queue_size: int = QUEUE_SIZE) -> None:

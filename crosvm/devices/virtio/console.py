@@ -26,6 +26,7 @@ class Console(V.VirtioDevice):
     """A single-port console (no MULTIPORT): receiveq 0, transmitq 1."""
 
     device_type = V.TYPE_CONSOLE
+    seccomp_policy = "console_device"
 
     def __init__(self, output=None, label: str = "console") -> None:
         self.output = output

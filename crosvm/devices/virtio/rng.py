@@ -17,6 +17,7 @@ class Rng(V.VirtioDevice):
     """One queue; every writable buffer is filled from /dev/urandom."""
 
     device_type = V.TYPE_RNG
+    seccomp_policy = "rng_device"
 
     def __init__(self, source: str = "/dev/urandom") -> None:
         self.random_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)

@@ -96,6 +96,7 @@ class VirtioDevice:
     """Base class: override the type, queue sizes, features, config and `activate`."""
 
     device_type: int = 0
+    seccomp_policy: str = "common_device"  # seccomp/x86_64/<name>.policy
     worker: "QueueWorker | None" = None  # set by activate()
 
     def debug_label(self) -> str:

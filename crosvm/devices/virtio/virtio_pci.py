@@ -85,6 +85,10 @@ class VirtioPciDevice(PciDevice):
     def debug_label(self) -> str:
         return f"virtio-pci {self.device.debug_label()}"
 
+    @property
+    def seccomp_policy(self) -> str:  # type: ignore[override]
+        return self.device.seccomp_policy
+
     @staticmethod
     def num_msix_vectors(device: V.VirtioDevice) -> int:
         return len(device.queue_max_sizes()) + 1

@@ -1,0 +1,126 @@
+"""A jailed device process under its seccomp filter (needs namespaces and libseccomp, no
+KVM). The sandbox probe device tries, from inside its process, what a compromised
+device would; the same probe outside the jail succeeds, so each check can fail."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+
+from crosvm.devices.proxy import DeviceProcess, HostRequests, PciProxy, describe_status
+from crosvm.devices.sandbox_probe import NOT_RUN, PROBE_REG, RESULT_REG, SandboxProbe
+from crosvm.jail import Jail, ensure_pivot_root
+from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
+
+OPEN_HOST_FILE, CREATE_SOCKET, EXECVE, PTRACE = 1, 2, 3, 4
+SIGSYS_EXIT = 128 + signal.SIGSYS  # the jail's reaper mirrors the device's death
+
+
+class Probe:
+    """A SandboxProbe in its own (jailed) process, driven through its PCI proxy."""
+
+    def __init__(self, jail: Jail | None, name: str = "probe_test") -> None:
+        self.deaths: list[str] = []
+        host = HostRequests()
+        self.proc = DeviceProcess(SandboxProbe(), name, [], jail, host)
+        self.proxy = PciProxy(self.proc, SandboxProbe(), host, self.deaths.append)
+
+    def run(self, probe: int) -> int:
+        self.proxy.write_config_register(PROBE_REG, 0, bytes([probe]))
+        return self.proxy.read_config_register(RESULT_REG)
+
+    def exit_code(self) -> int:
+        self.proc.shutdown()
+        return os.waitstatus_to_exitcode(self.proc.reap())
+
+
+@pytest.fixture
+def jail(tmp_path):
+    root = str(tmp_path / "empty")
+    ensure_pivot_root(root)
+    if not os.path.exists("/proc/self/ns/user"):
+        pytest.skip("no user namespaces")
+    return Jail(pivot_root=root)
+
+
+def test_jailed_device_opening_a_host_path_gets_enoent(jail):
+    probe = Probe(jail)
+
+    result = probe.run(OPEN_HOST_FILE)
+
+    assert result == errno.ENOENT
+    assert probe.exit_code() == 0
+
+
+def test_unjailed_device_can_open_a_host_path():
+    probe = Probe(None)
+
+    assert probe.run(OPEN_HOST_FILE) == 0
+    probe.exit_code()
+
+
+@pytest.mark.parametrize("which", [CREATE_SOCKET, EXECVE, PTRACE],
+                         ids=["socket", "execve", "ptrace"])
+def test_syscall_outside_policy_kills_the_device_with_sigsys(jail, which):
+    probe = Probe(jail)
+
+    result = probe.run(which)
+
+    assert result == NOT_RUN  # the proxy read 0xffffffff: no device answered
+    assert probe.deaths and "probe_test" in probe.deaths[0]
+    assert probe.exit_code() == SIGSYS_EXIT
+
+
+def test_unjailed_device_can_create_a_socket():
+    probe = Probe(None)
+
+    assert probe.run(CREATE_SOCKET) == 0
+    assert probe.exit_code() == 0
+
+
+def test_log_failures_lets_the_syscall_run(jail):
+    jail.seccomp_log_failures = True
+    probe = Probe(jail)
+
+    result = probe.run(CREATE_SOCKET)
+
+    assert result == 0
+    assert probe.exit_code() == 0
+
+
+def test_device_process_status_shows_filter_mode_and_no_privileges(jail):
+    probe = Probe(jail)
+    probe.run(OPEN_HOST_FILE)  # the device serves requests: it is jailed by now
+    device_pid = open(f"/proc/{probe.proc.pid}/task/{probe.proc.pid}/children").read().split()[0]
+
+    status = dict(line.split(":", 1) for line in open(f"/proc/{device_pid}/status"))
+
+    assert status["Seccomp"].strip() == "2"
+    assert status["NoNewPrivs"].strip() == "1"
+    assert int(status["CapEff"], 16) == 0
+    probe.exit_code()
+
+
+def test_kill_is_described_as_a_seccomp_violation(jail):
+    probe = Probe(jail)
+    probe.run(CREATE_SOCKET)
+
+    text = describe_status(probe.proc.reap())
+
+    assert "SIGSYS" in text and "seccomp" in text
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg not readable")
+def test_audit_log_names_the_syscall_that_killed_the_device(jail):
+    audit = SeccompAuditLog()
+    probe = Probe(jail, name="probe_audit")
+    probe.run(CREATE_SOCKET)
+    probe.proc.reap()
+
+    nr = audit.killing_syscall("probe_audit")
+
+    audit.close()
+    assert nr is not None and syscall_name(nr) == "socket"
