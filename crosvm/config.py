@@ -67,6 +67,7 @@ class Config:
     no_rng: bool = False
     disable_sandbox: bool = False
     pivot_root: str = "/var/empty"
+    socket: str | None = None  # the control socket (-s/--socket)
     seccomp_policy_dir: str | None = None  # None: the policies shipped with the package
     seccomp_log_failures: bool = False
     disks: list[DiskOption] = field(default_factory=list)

@@ -157,6 +157,7 @@ def _build_config(values: dict[str, Any]) -> Config:
     cfg.no_rng = bool(values.get("no-rng", False))
     cfg.disable_sandbox = bool(values.get("disable-sandbox", False))
     cfg.pivot_root = values.get("pivot-root", cfg.pivot_root)
+    cfg.socket = values.get("socket")
     cfg.seccomp_policy_dir = values.get("seccomp-policy-dir", cfg.seccomp_policy_dir)
     cfg.seccomp_log_failures = bool(values.get("seccomp-log-failures", False))
     for b in values.get("block", []):

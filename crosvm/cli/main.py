@@ -17,6 +17,7 @@ USAGE = """Usage: crosvm [--log-level LEVEL] [--syslog-tag TAG] [--no-syslog] [-
 
 Commands:
   run       Start a new VM
+  stop      Stop a VM: crosvm stop VM_SOCKET
   version   Show package version
 
 Global options:
@@ -147,7 +148,23 @@ def cmd_version(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "version": cmd_version}
+def cmd_stop(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        print("Usage: crosvm stop VM_SOCKET\n\nStops the VM listening on VM_SOCKET "
+              "(`crosvm run -s VM_SOCKET`).")
+        return 0
+    if len(args) != 1:
+        raise UsageError("usage: crosvm stop VM_SOCKET")
+    from crosvm.vm_control import ControlError, vms_request
+    try:
+        vms_request("Exit", args[0])
+    except ControlError as e:
+        log.error("%s", e)
+        return int(ExitCode.ERROR)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version}
 
 
 def main(argv: list[str] | None = None) -> int:

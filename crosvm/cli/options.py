@@ -103,6 +103,9 @@ RUN_OPTIONS: list[Option] = [
     Option("no-i8042", "flag", "do not emulate the i8042 keyboard controller"),
     Option("no-rtc", "flag", "do not emulate the CMOS real-time clock"),
     Option("no-rng", "flag", "do not add a virtio-rng device"),
+    Option("socket", "value", "path of the control socket (`crosvm stop PATH`); for a "
+           "directory, crosvm-<pid>.sock inside it", short="s", value_type="path",
+           metavar="PATH"),
     Option("disable-sandbox", "flag", "run every device in the VMM process, unjailed"),
     Option("pivot-root", "value", "empty directory the device jails pivot into "
            "(default /var/empty)", value_type="path", metavar="DIR"),

@@ -34,6 +34,7 @@ from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
+from crosvm.vm_control import ControlServer
 from crosvm.vmm.exit import ExitCode, ExitState
 from crosvm.vmm.pci import PciSetup
 from crosvm.vmm.vcpu import VcpuThread, install_kick_handler
@@ -117,6 +118,10 @@ class Vm:
         self._add_pci_devices()
         self._load()
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
+        self.control: ControlServer | None = None
+        if cfg.socket:  # after every device fork: no device process inherits it
+            self.control = ControlServer(cfg.socket, {"Exit": self._exit_request})
+            self._closers.append(self.control.close)
 
     def irq_event(self, irq: int) -> Event:
         """The irqfd for an edge-triggered ISA interrupt line (shared by its devices)."""
@@ -273,6 +278,10 @@ class Vm:
             R.setup_regs(vcpu, self.kernel.entry)
         return VcpuThread(vcpu, self.mem, self.io_bus, self.mmio_bus, self.exit_state)
 
+    def _exit_request(self) -> str:
+        self.exit_state.request(ExitCode.SUCCESS, "stopped through the control socket")
+        return "Ok"
+
     def stop(self) -> None:
         """Ask the VM to stop as `crosvm stop` does (exit code 0)."""
         self.exit_state.request(ExitCode.SUCCESS)
@@ -284,6 +293,8 @@ class Vm:
         self.exit_state.add_listener(self._kick_all)
         for t in self._input_threads:
             t.start()
+        if self.control is not None:
+            self.control.start()
         for v in self.vcpus:
             v.start()
         try:

@@ -1,7 +1,8 @@
 """End-to-end: boot the real test kernel with `crosvm run` and check it from inside.
 
-One VM (2 vCPUs, 256 MiB) answers many checks; power-off and reboot, which end
-the VM, are in test_power.py.
+One VM (2 vCPUs, 256 MiB) per mode answers many checks; the module's last test stops it
+with `crosvm stop` (boots are too slow here to spend one on that alone). Power-off and
+reboot, which end the VM from inside, are in test_power.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -54,7 +57,8 @@ def disks(mode, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vm(mode, kernel, initramfs, disks, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
-    extra = ("--block", f"{disks['data']},id=data-disk", "--block", disks["scratch"],
+    extra = ("--socket", workdir,  # a directory: the socket is crosvm-<pid>.sock in it
+             "--block", f"{disks['data']},id=data-disk", "--block", disks["scratch"],
              "--block", f"{disks['ro']},ro",
              "--serial", f"type=file,path={disks['hvc']},hardware=virtio-console,num=1")
     if mode == "disable-sandbox":
@@ -260,3 +264,20 @@ def test_every_device_runs_in_its_own_jailed_process(vm, mode):
         assert status["CapEff"] == "0000000000000000"
         assert status["NSpid"].split()[-1] == "1"   # PID 1 of its own namespace
         assert os.listdir(f"/proc/{pid}/root") == []
+
+
+# Keep this test last in the module: it ends the module's VM.
+def test_crosvm_stop_exits_0_and_leaves_no_process(vm):
+    pid = vm.proc.pid
+    family = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    family += [g for c in family for g in open(f"/proc/{c}/task/{c}/children").read().split()]
+    sock = os.path.join(vm.workdir, f"crosvm-{pid}.sock")
+
+    stop = subprocess.run([sys.executable, "-m", "crosvm", "stop", sock], capture_output=True,
+                          text=True, timeout=60)
+    code = vm.wait_exit(60)
+
+    assert stop.returncode == 0, stop.stderr
+    assert code == 0
+    assert [p for p in family if os.path.exists(f"/proc/{p}")] == []
+    assert not os.path.exists(sock)

@@ -1,0 +1,37 @@
+"""The client side: send one request to a VM's control socket, return its response."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from crosvm.vm_control.server import MAX_MESSAGE
+
+TIMEOUT = 10.0
+
+
+class ControlError(Exception):
+    """The VM could not be reached, or it refused the request."""
+
+
+def handle_request(request: object, path: str) -> object:
+    """Send `request` (e.g. "Exit") to the VM listening on `path`; its response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(TIMEOUT)
+        try:
+            s.connect(path)
+            s.send(json.dumps(request).encode())
+            raw = s.recv(MAX_MESSAGE)
+        except OSError as e:
+            raise ControlError(f"cannot reach the VM at {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ControlError(f"bad response from the VM at {path}") from None
+
+
+def vms_request(request: object, path: str) -> None:
+    """`handle_request`, with any response but "Ok" an error."""
+    response = handle_request(request, path)
+    if response != "Ok":
+        raise ControlError(f"the VM refused {request}: {response}")
