@@ -58,8 +58,9 @@ class FdOutput:
 
 
 class SyslogOutput:
-    """Sends whole lines to syslog, over its own /dev/log socket when there is one
-    (a held fd keeps working inside a device jail, which has no /dev/log)."""
+    """Sends whole lines to syslog over its own /dev/log socket (a held fd keeps working
+    inside a device jail, which has no /dev/log and may not create sockets). Without a
+    syslog daemon the lines go to stderr, tagged."""
 
     def __init__(self, tag: str, path: str = "/dev/log") -> None:
         self._buf = bytearray()
@@ -67,9 +68,11 @@ class SyslogOutput:
         self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.connect(path)
-        except OSError:
+        except OSError as e:
             self.sock.close()
             self.sock = None
+            log.warning("%s: no syslog at %s (%s); serial output goes to stderr", tag, path,
+                        e.strerror)
 
     def write(self, data: bytes) -> None:
         self._buf += data
@@ -82,7 +85,7 @@ class SyslogOutput:
                 except OSError:
                     pass
             else:
-                syslog.syslog(syslog.LOG_INFO, text)
+                os.write(2, text.encode() + b"\n")
             self._buf = bytearray(rest)
 
     def fds(self) -> list[int]:

@@ -5,6 +5,7 @@ device would; the same probe outside the jail succeeds, so each check can fail."
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 
@@ -19,13 +20,21 @@ OPEN_HOST_FILE, CREATE_SOCKET, EXECVE, PTRACE = 1, 2, 3, 4
 SIGSYS_EXIT = 128 + signal.SIGSYS  # the jail's reaper mirrors the device's death
 
 
+class Buggy(SandboxProbe):
+    """A device with a bug: its Python traceback is printed from inside the jail."""
+
+    def read_config_register(self, reg: int) -> int:
+        raise ValueError("device bug")
+
+
 class Probe:
     """A SandboxProbe in its own (jailed) process, driven through its PCI proxy."""
 
-    def __init__(self, jail: Jail | None, name: str = "probe_test") -> None:
+    def __init__(self, jail: Jail | None, name: str = "probe_test",
+                 device: SandboxProbe | None = None) -> None:
         self.deaths: list[str] = []
         host = HostRequests()
-        self.proc = DeviceProcess(SandboxProbe(), name, [], jail, host)
+        self.proc = DeviceProcess(device or SandboxProbe(), name, [], jail, host)
         self.proxy = PciProxy(self.proc, SandboxProbe(), host, self.deaths.append)
 
     def run(self, probe: int) -> int:
@@ -124,3 +133,36 @@ def test_audit_log_names_the_syscall_that_killed_the_device(jail):
 
     audit.close()
     assert nr is not None and syscall_name(nr) == "socket"
+
+
+def test_device_exception_is_logged_with_traceback_not_killed(jail, capfd):
+    # As crosvm's CLI does: records go to stderr, which the device process keeps.
+    handler = logging.StreamHandler(open(2, "w", closefd=False))
+    logger = logging.getLogger("crosvm")
+    logger.addHandler(handler)
+    try:
+        probe = Probe(jail, device=Buggy())
+
+        probe.proxy.read_config_register(0)
+        code = probe.exit_code()
+    finally:
+        logger.removeHandler(handler)
+        handler.stream.close()
+
+    assert code == 1  # an ordinary failure, not 128+SIGSYS
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "ValueError: device bug" in err
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg not readable")
+def test_log_failures_records_the_syscall_for_policy_writing(jail):
+    jail.seccomp_log_failures = True
+    audit = SeccompAuditLog()
+    probe = Probe(jail, name="probe_logged")
+    probe.run(CREATE_SOCKET)
+    probe.exit_code()
+
+    logged = {syscall_name(nr) for nr in audit.logged_syscalls("probe_logged")}
+
+    audit.close()
+    assert "socket" in logged

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from crosvm.config import SerialParameters
-from crosvm.devices.serial_device import SerialError, open_input, open_output
+from crosvm.devices.serial_device import SerialError, SyslogOutput, open_input, open_output
 
 
 def test_file_output_appends(tmp_path):
@@ -72,3 +72,24 @@ def test_input_file_is_opened_for_reading(tmp_path):
 def test_missing_input_file_is_clear_error(tmp_path):
     with pytest.raises(SerialError, match="failed to open input"):
         open_input(SerialParameters(input=str(tmp_path / "absent")), None)
+
+
+def test_syslog_output_sends_tagged_lines_on_its_own_socket(tmp_path):
+    path = str(tmp_path / "log")
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(path)
+    out = SyslogOutput("crosvm[serial1]", path)
+
+    out.write(b"hello\nrest")
+
+    assert daemon.recv(256) == b"<14>crosvm[serial1]: hello"
+    out.close()
+    daemon.close()
+
+
+def test_syslog_output_without_a_daemon_writes_to_stderr(tmp_path, capfd):
+    out = SyslogOutput("crosvm[serial1]", str(tmp_path / "no-log"))
+
+    out.write(b"hello\n")
+
+    assert capfd.readouterr().err.endswith("crosvm[serial1]: hello\n")
