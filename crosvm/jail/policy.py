@@ -203,7 +203,7 @@ def load_policy(path: str | Path, _depth: int = 0) -> Policy:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        raise PolicyError(f"seccomp policy {path}: {e.strerror}") from None
+        raise PolicyError(f"{path}: {e.strerror}") from None
     policy = Policy(path.stem)
     seen: dict[str, int] = {}
     pending = ""

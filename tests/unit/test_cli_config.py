@@ -1,6 +1,7 @@
 """Command-line parsing, --cfg merging and crosvm's serial rules."""
 
 import json
+import os
 
 import pytest
 
@@ -257,3 +258,29 @@ def test_virtio_console_is_hvc_console():
 
 def test_no_rng_flag():
     assert config_from(["--no-rng"]).no_rng is True
+
+
+def test_sandbox_options_reach_the_config():
+    cfg = config_from(["--seccomp-log-failures", "--seccomp-policy-dir", "/pol",
+                       "--pivot-root", "/jail", "-s", "/run/vm.sock", "vmlinux"])
+
+    assert (cfg.seccomp_log_failures, cfg.seccomp_policy_dir, cfg.pivot_root, cfg.socket) == \
+        (True, "/pol", "/jail", "/run/vm.sock")
+
+
+def test_sandbox_defaults_are_crosvms():
+    cfg = config_from(["vmlinux"])
+
+    assert (cfg.disable_sandbox, cfg.seccomp_log_failures, cfg.seccomp_policy_dir,
+            cfg.pivot_root, cfg.socket) == (False, False, None, "/var/empty", None)
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
+def test_missing_seccomp_policy_dir_exits_35_naming_the_file(tmp_path, capsys):
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")  # never read: the devices come first
+
+    code = main(["run", "--seccomp-policy-dir", str(tmp_path / "none"), str(kernel)])
+
+    assert code == 35
+    assert f"{tmp_path}/none/serial.policy: No such file or directory" in capsys.readouterr().err
