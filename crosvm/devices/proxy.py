@@ -218,16 +218,24 @@ class DeviceProcess:
             time.sleep(0.02)
 
 
-def describe_status(status: int) -> str:
-    """How a device process ended, in words (the jail's reaper mirrors signals as 128+n)."""
+def killing_signal(status: int) -> int | None:
+    """The signal that ended a device process, if one did (the jail's reaper mirrors a
+    signal as exit status 128+n)."""
     code = os.waitstatus_to_exitcode(status)
-    if code < 0 or code > 128:
-        sig = -code if code < 0 else code - 128
+    if code < 0:
+        return -code
+    return code - 128 if code > 128 else None
+
+
+def describe_status(status: int) -> str:
+    """How a device process ended, in words."""
+    sig = killing_signal(status)
+    if sig is not None:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGSYS:
             return f"killed by {name}: a syscall outside its seccomp policy"
         return f"killed by {name}"
-    return f"exited with status {code}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 class ProxyBase:

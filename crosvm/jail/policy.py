@@ -67,6 +67,7 @@ def _constants() -> dict[str, int]:
 
 
 CONSTANTS = _constants()
+_ERRNOS = {name: number for number, name in errno.errorcode.items()}
 _OPS = {"==": CMP_EQ, "!=": CMP_NE, "<": CMP_LT, "<=": CMP_LE, ">": CMP_GT, ">=": CMP_GE}
 
 
@@ -74,7 +75,6 @@ _OPS = {"==": CMP_EQ, "!=": CMP_NE, "<": CMP_LT, "<=": CMP_LE, ">": CMP_GT, ">="
 class Policy:
     """The rules of one policy file with its includes, in file order."""
 
-    name: str
     rules: list[Rule] = field(default_factory=list)
 
     def syscalls(self) -> set[str]:
@@ -153,8 +153,8 @@ def _rules(syscall: str, action: int, conjunctions: list[tuple[ArgCmp, ...]]) ->
 
 def _parse_return(text: str) -> int:
     name = text[len("return"):].strip()
-    code = int(name) if name.isdigit() else CONSTANTS.get(name)
-    if code is None or not 0 <= code < 4096 or not name.isdigit() and not name.startswith("E"):
+    code = int(name) if name.isdigit() else _ERRNOS.get(name)
+    if code is None or code >= 4096:
         raise PolicyError(f"bad errno {name!r}")
     return act_errno(code)
 
@@ -204,7 +204,7 @@ def load_policy(path: str | Path, _depth: int = 0) -> Policy:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise PolicyError(f"{path}: {e.strerror}") from None
-    policy = Policy(path.stem)
+    policy = Policy()
     seen: dict[str, int] = {}
     pending = ""
     for number, raw in enumerate(lines, 1):

@@ -90,6 +90,8 @@ def _libseccomp() -> ctypes.CDLL:
                                                ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p  # malloc'd name
+        lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -146,10 +148,7 @@ def load_filter(bpf: bytes) -> None:
 
 def syscall_name(nr: int) -> str:
     """The name of x86_64 syscall `nr` (its number as text if libseccomp has none)."""
-    lib = _libseccomp()
-    lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p
-    lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
-    ptr = lib.seccomp_syscall_resolve_num_arch(0, nr)  # 0: the native architecture
+    ptr = _libseccomp().seccomp_syscall_resolve_num_arch(0, nr)  # 0: the native architecture
     if not ptr:
         return str(nr)
     try:
@@ -179,10 +178,6 @@ class SeccompAuditLog:
         except OSError:
             self.fd = -1
         self.records: list[tuple[str, int, int]] = []  # comm, signal, syscall
-
-    @property
-    def available(self) -> bool:
-        return self.fd >= 0
 
     def _read(self) -> None:
         while self.fd >= 0:

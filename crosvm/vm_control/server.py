@@ -36,7 +36,7 @@ class ControlServer:
             self.sock.bind(self.path)
         except OSError as e:
             self.sock.close()
-            raise OSError(e.errno, f"control socket {self.path}: {e.strerror}") from None
+            raise OSError(e.errno, f"control socket {self.path}: {e.strerror or e}") from None
         self.sock.listen(8)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name="vm_control", daemon=True)

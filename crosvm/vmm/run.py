@@ -21,7 +21,8 @@ from crosvm.devices.cmos import Cmos
 from crosvm.devices.i8042 import I8042
 from crosvm.devices.serial import Serial
 from crosvm.devices.pci import PciDevice
-from crosvm.devices.proxy import BusProxy, DeviceProcess, HostRequests, PciProxy, describe_status
+from crosvm.devices.proxy import (BusProxy, DeviceProcess, HostRequests, PciProxy,
+                                  describe_status, killing_signal)
 from crosvm.devices import sandbox_probe
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
@@ -160,7 +161,7 @@ class Vm:
             proc.dead = True
             proc.status = status
             how = describe_status(status)
-            if os.waitstatus_to_exitcode(status) in (-signal.SIGSYS, 128 + signal.SIGSYS):
+            if killing_signal(status) == signal.SIGSYS:
                 how = self._seccomp_kill(proc.name)
             log.error("device %s (pid %d) %s", proc.name, proc.pid, how)
             self.exit_state.explain(ExitCode.VM_CRASH, f"device {proc.name} {how}")

@@ -113,3 +113,8 @@ def test_common_policy_allows_no_process_creation_sockets_or_exec():
 
     assert not allowed & {"fork", "vfork", "execve", "execveat", "socket", "ptrace",
                           "connect", "bind", "mount", "unshare", "setns", "process_vm_writev"}
+
+
+def test_return_of_a_constant_that_is_not_an_errno_is_rejected():
+    with pytest.raises(PolicyError, match="bad errno 'PROT_READ'"):
+        parse_expression("openat", "return PROT_READ")

@@ -85,3 +85,8 @@ def test_crosvm_stop_needs_exactly_one_socket():
 def test_client_reports_unreachable_socket(tmp_path):
     with pytest.raises(ControlError, match="cannot reach the VM"):
         handle_request("Exit", str(tmp_path / "nothing"))
+
+
+def test_socket_path_too_long_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="control socket .*too long"):
+        ControlServer(str(tmp_path / ("s" * 120)), {})
