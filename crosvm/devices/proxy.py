@@ -40,11 +40,40 @@ REPLY = struct.Struct("<BB")
 ACTION_ROUTE = struct.Struct("<BHQI")    # kind 1: vector, address, data
 ACTION_EXIT = struct.Struct("<BB")       # kind 2: exit code
 MAX_MSG = 4096
-REPLY_TIMEOUT = 10.0
+SHUTDOWN_LOCK_TIMEOUT = 0.5
+ACTION_SIZES = {1: ACTION_ROUTE.size, 2: ACTION_EXIT.size}
 
 
 class DeviceDied(Exception):
-    """The device process is gone (crashed, or killed by its seccomp policy)."""
+    """The device process is gone (crashed, or killed by its seccomp policy), or it
+    broke the reply protocol, which is treated the same way."""
+
+
+def parse_reply(reply: bytes) -> tuple[bytes, list[bytes]]:
+    """Split a device process's reply into (data, raw actions).
+
+    The child is untrusted: anything malformed raises `DeviceDied` (the VM stops with
+    33), and nothing in a reply is executed; actions are checked again by the caller.
+    """
+    if len(reply) < REPLY.size + 1:
+        raise DeviceDied("device process exited")
+    status, n_actions = REPLY.unpack_from(reply)
+    n = reply[REPLY.size]
+    start = REPLY.size + 1
+    if status != 0 or start + n > len(reply):
+        raise DeviceDied(f"malformed reply from the device process ({len(reply)} bytes)")
+    out = reply[start:start + n]
+    rest = reply[start + n:]
+    actions = []
+    for _ in range(n_actions):
+        size = ACTION_SIZES.get(rest[0]) if rest else None
+        if size is None or len(rest) < size:
+            raise DeviceDied("malformed action from the device process")
+        actions.append(rest[:size])
+        rest = rest[size:]
+    if rest:
+        raise DeviceDied("trailing bytes in a reply from the device process")
+    return out, actions
 
 
 class HostRequests:
@@ -87,14 +116,14 @@ def _serve(device: object, sock: socket.socket, host: HostRequests) -> None:
         except InterruptedError:
             continue
         if len(msg) < REQ.size:
-            return  # the VMM closed the socket
+            break  # the VMM closed the socket
         op, index, length, offset, extra = REQ.unpack_from(msg)
         length = min(length, 8)
         data = msg[REQ.size:]
         out = b""
         host.queued = []
         if op == OP_SHUTDOWN:
-            return
+            break
         if op == OP_BUS_READ:
             buf = bytearray(length)
             device.read(offset, extra, memoryview(buf))
@@ -113,6 +142,9 @@ def _serve(device: object, sock: socket.socket, host: HostRequests) -> None:
             device.write_bar(index, offset, data)
         actions = host.queued[:255]
         sock.send(REPLY.pack(0, len(actions)) + bytes([len(out)]) + out + b"".join(actions))
+    close = getattr(device, "close", None)
+    if close is not None:
+        close()  # flush output, stop workers: nothing buffered is lost at a clean stop
 
 
 class DeviceProcess:
@@ -156,7 +188,8 @@ class DeviceProcess:
         child_sock.close()
         self.pid = pid
         self.sock = parent_sock
-        self.sock.settimeout(REPLY_TIMEOUT)
+        # No timeout: a device that is slow (its host output blocks, say) is not dead.
+        # Death is the socket's end (the child held the only other end) or its exit.
         self._lock = threading.Lock()
         self.dead = False
         self.status: int | None = None  # wait status once reaped
@@ -170,31 +203,37 @@ class DeviceProcess:
             try:
                 self.sock.send(REQ.pack(op, index, length, offset, extra) + bytes(data))
                 reply = self.sock.recv(MAX_MSG)
+                return parse_reply(reply)
             except OSError as e:
                 self.dead = True
                 raise DeviceDied(f"{self.name}: {e}") from None
-            if len(reply) < REPLY.size + 1:
+            except DeviceDied as e:
                 self.dead = True
-                raise DeviceDied(f"{self.name}: device process exited")
-        _, n_actions = REPLY.unpack_from(reply)
-        n = reply[REPLY.size]
-        out = reply[REPLY.size + 1:REPLY.size + 1 + n]
-        rest = reply[REPLY.size + 1 + n:]
-        actions = []
-        while rest and len(actions) < n_actions:
-            size = ACTION_ROUTE.size if rest[0] == 1 else ACTION_EXIT.size
-            actions.append(rest[:size])
-            rest = rest[size:]
-        return out, actions
+                raise DeviceDied(f"{self.name}: {e}") from None
 
     def shutdown(self) -> None:
-        with self._lock:
-            if not self.dead:
-                try:
-                    self.sock.send(REQ.pack(OP_SHUTDOWN, 0, 0, 0, 0))
-                except OSError:
-                    pass
-            self.dead = True
+        """Ask the device to stop (it flushes and exits), and wake any vCPU still waiting
+        on it: the socket is shut down even if a request is in flight."""
+        if self._lock.acquire(timeout=SHUTDOWN_LOCK_TIMEOUT):
+            try:
+                if not self.dead:
+                    try:
+                        self.sock.send(REQ.pack(OP_SHUTDOWN, 0, 0, 0, 0))
+                    except OSError:
+                        pass
+            finally:
+                self._lock.release()
+        self.dead = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
     def poll(self) -> int | None:
@@ -254,10 +293,10 @@ class ProxyBase:
             self.on_death(str(e))
             return None
         for raw in actions:
-            if raw[0] == 1 and len(raw) == ACTION_ROUTE.size:
+            if raw[0] == 1:
                 _, vector, address, data = ACTION_ROUTE.unpack(raw)
                 self.host.set_msi_route(vector, address, data)
-            elif raw[0] == 2 and len(raw) == ACTION_EXIT.size:
+            else:
                 self.host.request_exit(raw[1])
         return out
 

@@ -1,16 +1,24 @@
 """16550A UART with the register semantics the Linux 8250 driver relies on.
 
-Output goes to a `SerialOutput`; input arrives from a host thread through
-`queue_input_bytes`. Interrupts are edges on an Event (an irqfd in a VM).
+Output goes to a `SerialOutput` through a bounded buffer that a writer thread drains,
+so a host sink that blocks (a pipe nobody reads, a pager, Ctrl-S) never blocks the
+vCPU: the guest sees back-pressure the way real hardware shows it, as a transmitter
+that is not empty (LSR THRE clear, no THR interrupt) until the host catches up.
+Input arrives from a host thread through `queue_input_bytes`. Interrupts are edges on
+an Event (an irqfd in a VM).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from typing import Protocol
 
+from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.bus import BusDevice
+
+log = logging.getLogger(__name__)
 
 DATA = 0
 IER = 1
@@ -58,6 +66,11 @@ DEFAULT_MODEM_STATUS = MSR_DSR_BIT | MSR_CTS_BIT | MSR_DCD_BIT
 
 # Host input waits (it is never dropped) once this much is queued for the guest.
 INPUT_BUFFER_LIMIT = 4096
+# Guest output buffered for a slow host sink. THRE is reported while a FIFO's worth
+# fits; the THR interrupt comes back once the writer has drained it to half.
+OUTPUT_BUFFER_LIMIT = 1 << 16
+TX_FIFO_SIZE = 16
+OUTPUT_CLOSE_TIMEOUT = 1.0
 
 
 class Interrupt(Protocol):
@@ -82,6 +95,14 @@ class Serial(BusDevice):
         self._space = threading.Condition(self._lock)
         self._in: collections.deque[int] = collections.deque()
         self._closed = False
+        self._out_buf = bytearray()
+        self._out_ready = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None  # started by the first output
+        self._tx_waiting = False  # the guest waits for THRE: interrupt when drained
+        self._writing = False
+        self._drained = threading.Condition(self._lock)
+        self._dropped = 0
+        self._drop_log = RateLimitedLog(log, burst=1, period=10.0)
         self.interrupt_enable = 0
         self.thr_pending = False
         self.fifo_enabled = False
@@ -106,9 +127,66 @@ class Serial(BusDevice):
                 self._recv_data_locked()
 
     def close(self) -> None:
+        """Stop taking input; give buffered output a moment to reach the sink."""
         with self._lock:
             self._closed = True
             self._space.notify_all()
+            self._out_ready.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join(OUTPUT_CLOSE_TIMEOUT)
+
+    def flush(self, timeout: float = OUTPUT_CLOSE_TIMEOUT) -> bool:
+        """Wait until buffered output has been written to the sink; False on timeout."""
+        with self._lock:
+            return self._drained.wait_for(lambda: not self._out_buf and not self._writing,
+                                          timeout)
+
+    # --- output ---
+    def _tx_room_locked(self) -> bool:
+        return len(self._out_buf) + TX_FIFO_SIZE <= OUTPUT_BUFFER_LIMIT
+
+    def _queue_output_locked(self, value: int) -> None:
+        if len(self._out_buf) >= OUTPUT_BUFFER_LIMIT:
+            # The guest wrote although THRE was clear: a real UART would overrun too.
+            self._dropped += 1
+            self._drop_log.warning("%s: host output is not keeping up; %d bytes dropped so far",
+                                   self._label, self._dropped)
+            return
+        self._out_buf.append(value)
+        if self._writer is None:
+            # Started here, not in __init__: a sandboxed UART is built before the fork
+            # and only the device process may own the thread.
+            self._writer = threading.Thread(target=self._write_loop, name=f"{self._label}_out",
+                                            daemon=True)
+            self._writer.start()
+        self._out_ready.notify()
+        if self._tx_room_locked():
+            self._thr_empty_locked()
+        else:
+            self._tx_waiting = True
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._out_buf and not self._closed:
+                    self._out_ready.wait()
+                if not self._out_buf:
+                    return
+                data = bytes(self._out_buf)
+                self._out_buf.clear()
+                self._writing = True
+            try:
+                if self._out is not None:
+                    self._out.write(data)  # may block: only this thread waits
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._drained.notify_all()
+            with self._lock:
+                if self._tx_waiting and len(self._out_buf) <= OUTPUT_BUFFER_LIMIT // 2:
+                    self._tx_waiting = False
+                    self._thr_empty_locked()
 
     # --- interrupt logic ---
     def _trigger(self) -> None:
@@ -145,25 +223,24 @@ class Serial(BusDevice):
         if len(data) != 1:
             return
         value = data[0]
-        out = None
         with self._lock:
             dlab = self.line_control & LCR_DLAB_BIT
             if offset == DATA:
                 if dlab:
                     self.baud_divisor = (self.baud_divisor & 0xFF00) | value
                 elif self.modem_control & MCR_LOOP_BIT:
-                    self._in.append(value)
-                    self._recv_data_locked()
+                    if len(self._in) < INPUT_BUFFER_LIMIT:  # beyond: overrun, dropped
+                        self._in.append(value)
+                        self._recv_data_locked()
                 else:
-                    out = bytes([value])
-                    self._thr_empty_locked()
+                    self._queue_output_locked(value)
             elif offset == IER:
                 if dlab:
                     self.baud_divisor = (self.baud_divisor & 0x00FF) | (value << 8)
                 else:
                     self.interrupt_enable = value & IER_FIFO_BITS
-                    if self.interrupt_enable & IER_THR_BIT:
-                        self._thr_empty_locked()  # THR is always empty: say so at once
+                    if self.interrupt_enable & IER_THR_BIT and self._tx_room_locked():
+                        self._thr_empty_locked()  # THR is empty: say so at once
                     if self.interrupt_enable & IER_RECV_BIT and self._in:
                         self._trigger()
             elif offset == FCR:
@@ -177,8 +254,6 @@ class Serial(BusDevice):
                 self.modem_control = value & 0x1F
             elif offset == SCR:
                 self.scratch = value
-        if out is not None and self._out is not None:
-            self._out.write(out)
 
     def read(self, offset: int, address: int, data: memoryview) -> None:
         if len(data) != 1:
@@ -203,7 +278,8 @@ class Serial(BusDevice):
             elif offset == MCR:
                 value = self.modem_control
             elif offset == LSR:
-                value = LSR_EMPTY_BIT | LSR_IDLE_BIT | (LSR_DATA_BIT if self._in else 0)
+                value = ((LSR_EMPTY_BIT | LSR_IDLE_BIT if self._tx_room_locked() else 0)
+                         | (LSR_DATA_BIT if self._in else 0))
             elif offset == MSR:
                 value = self._modem_status_locked()
             elif offset == SCR:

@@ -320,6 +320,7 @@ class Vm:
         for proc in self.processes:
             if proc.status is None:
                 proc.status = proc.reap()
+            proc.close()
         for t in self._input_threads:
             t.stop()
         for s in self._serials:

@@ -38,6 +38,7 @@ def test_thr_write_goes_to_output():
     dev, _, out = make()
 
     wr(dev, S.DATA, ord("A"))
+    dev.flush()
 
     assert out.data == b"A"
 
@@ -58,6 +59,7 @@ def test_dlab_redirects_data_and_ier_to_divisor():
     assert rd(dev, S.DATA) == 0x01
     assert rd(dev, S.IER) == 0x02
     assert dev.baud_divisor == 0x0201
+    dev.flush()
     assert out.data == b""
 
 
@@ -141,6 +143,7 @@ def test_loopback_returns_written_byte_and_not_output():
     wr(dev, S.DATA, 0x5A)
 
     assert rd(dev, S.DATA) == 0x5A
+    dev.flush()
     assert out.data == b""
 
 
@@ -171,4 +174,89 @@ def test_multi_byte_access_is_ignored():
 
     dev.write(S.DATA, 0x3F8, b"ab")
 
+    dev.flush()
     assert out.data == b""
+
+
+class BlockedOut:
+    """A sink that blocks until released, like a pipe nobody reads."""
+
+    def __init__(self):
+        import threading
+        self.release = threading.Event()
+        self.data = bytearray()
+
+    def write(self, data):
+        self.release.wait()
+        self.data += data
+
+
+def fill_until_thre_clears(dev, limit=2 * S.OUTPUT_BUFFER_LIMIT):
+    written = 0
+    while rd(dev, S.LSR) & S.LSR_EMPTY_BIT and written < limit:
+        wr(dev, S.DATA, ord("x"))
+        written += 1
+    return written
+
+
+def test_blocked_sink_does_not_block_guest_writes_and_clears_thre():
+    out = BlockedOut()
+    dev = S.Serial(Irq(), out)
+
+    written = fill_until_thre_clears(dev)
+
+    # The buffer, plus what the writer thread took before it blocked.
+    assert S.OUTPUT_BUFFER_LIMIT - S.TX_FIFO_SIZE <= written < 2 * S.OUTPUT_BUFFER_LIMIT
+    out.release.set()
+    dev.close()
+
+
+def test_output_held_by_a_blocked_sink_arrives_once_it_reads():
+    out = BlockedOut()
+    dev = S.Serial(Irq(), out)
+    written = fill_until_thre_clears(dev)
+
+    out.release.set()
+    drained = dev.flush(5.0)
+
+    assert (drained, len(out.data), rd(dev, S.LSR) & S.LSR_EMPTY_BIT) == (
+        True, written, S.LSR_EMPTY_BIT)
+
+
+def test_thr_interrupt_returns_when_a_blocked_sink_drains():
+    out, irq = BlockedOut(), Irq()
+    dev = S.Serial(irq, out)
+    wr(dev, S.IER, S.IER_THR_BIT)
+    fill_until_thre_clears(dev)
+    before = irq.count
+
+    out.release.set()
+    dev.flush(5.0)
+
+    assert irq.count == before + 1
+    assert rd(dev, S.IIR) & 0x0F == S.IIR_THR_BIT
+
+
+def test_byte_written_while_output_buffer_is_full_is_dropped():
+    out = BlockedOut()
+    dev = S.Serial(Irq(), out)
+    written = fill_until_thre_clears(dev)
+    for _ in range(S.TX_FIFO_SIZE + 10):  # a driver that ignores THRE
+        wr(dev, S.DATA, ord("y"))
+
+    out.release.set()
+    dev.flush(5.0)
+
+    # Every byte either reached the sink or was counted as dropped.
+    assert dev._dropped >= 10
+    assert len(out.data) + dev._dropped == written + S.TX_FIFO_SIZE + 10
+
+
+def test_loopback_input_is_bounded():
+    dev, _, _ = make()
+    wr(dev, S.MCR, S.MCR_LOOP_BIT)
+
+    for _ in range(S.INPUT_BUFFER_LIMIT + 100):
+        wr(dev, S.DATA, ord("z"))
+
+    assert len(dev._in) == S.INPUT_BUFFER_LIMIT

@@ -7,7 +7,9 @@ import pytest
 from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, Writer
 from crosvm.devices.virtio.driver import QueueDriver
 from crosvm.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-                                         VIRTQ_DESC_F_WRITE, DescriptorError, Queue, parse_chain)
+                                         VIRTQ_DESC_F_WRITE, DescriptorError, Queue, QueueConfig,
+                                         QueueError, parse_chain)
+from crosvm.devices.virtio.virtio_device import process_queue
 from crosvm.vm_memory import GuestMemory
 
 MEM_SIZE = 4 << 20
@@ -165,9 +167,28 @@ def test_bad_chain_is_completed_with_zero_length_and_next_is_served(mem, drv):
     assert (drv.used(), chain.readable_len()) == ([(5, 0)], 2)
 
 
-def test_available_index_jump_beyond_queue_size_is_ignored(mem, drv):
+def test_available_index_jump_beyond_queue_size_breaks_the_queue(mem, drv):
     mem.write_int(drv.queue.avail_ring + 2, drv.size + 1, 2)
-    assert drv.queue.pop(mem) is None
+
+    with pytest.raises(QueueError, match="jumped by 17"):
+        drv.queue.pop(mem)
+
+
+def test_available_head_outside_the_table_breaks_the_queue(mem, drv):
+    drv.publish(drv.size)  # a head index one past the descriptor table
+
+    with pytest.raises(QueueError, match="outside the table"):
+        drv.queue.pop(mem)
+
+
+def test_pop_completes_at_most_a_ring_of_bad_chains_per_call(mem, drv):
+    drv.write_desc(0, 0, 0, 0, 0)  # zero length: a bad chain
+    for _ in range(drv.size):
+        drv.publish(0)
+
+    chain = drv.queue.pop(mem)
+
+    assert (chain, len(drv.used())) == (None, drv.size)
 
 
 def test_queue_size_must_be_power_of_two():
@@ -175,9 +196,81 @@ def test_queue_size_must_be_power_of_two():
         Queue(100)
 
 
-def test_queue_ring_outside_memory_is_invalid(mem, drv):
-    drv.queue.used_ring = MEM_SIZE - 8
-    assert not drv.queue.is_valid(mem)
+def test_queue_ring_outside_memory_is_invalid(mem):
+    config = QueueConfig(16)
+    config.ready = True
+    config.used_ring = MEM_SIZE - 8
+
+    assert not config.is_valid(mem, event_idx=False)
+
+
+def test_activated_queue_is_a_copy_the_transport_cannot_change(mem):
+    config = QueueConfig(16)
+    config.desc_table, config.avail_ring, config.used_ring = 0x1000, 0x2000, 0x3000
+    live = config.activate(event_idx=True)
+
+    config.desc_table = 0x9000
+    config.reset()
+
+    assert (live.desc_table, live.avail_ring, live.used_ring, live.event_idx) == (
+        0x1000, 0x2000, 0x3000, True)
+
+
+class Counter:
+    def __init__(self):
+        self.vectors = []
+
+    def signal_used_queue(self, vector):
+        self.vectors.append(vector)
+
+
+def test_process_queue_interrupts_for_a_bad_chain_alone(mem, drv):
+    drv.write_desc(0, MEM_SIZE - 4, 8, 0, 0)  # outside guest memory
+    drv.publish(0)
+    irq = Counter()
+
+    process_queue(mem, drv.queue, irq, lambda chain: 0)
+
+    assert (drv.used(), len(irq.vectors)) == ([(0, 0)], 1)
+
+
+def test_process_queue_stops_at_its_budget_and_reports_more(mem, drv):
+    for _ in range(5):
+        drv.add_buffers([b"x"], [])
+    served = []
+
+    more = process_queue(mem, drv.queue, Counter(), lambda c: served.append(c) or 0, budget=3)
+
+    assert (more, len(served)) == (True, 3)
+
+
+def test_process_queue_reports_no_more_once_the_ring_is_empty(mem, drv):
+    for _ in range(2):
+        drv.add_buffers([b"x"], [])
+
+    more = process_queue(mem, drv.queue, Counter(), lambda c: 0, budget=3)
+
+    assert more is False
+
+
+def test_process_queue_rechecks_the_ring_after_arming_avail_event(mem):
+    drv = QueueDriver(mem, size=16, event_idx=True)
+    queue = drv.queue
+    arm = queue.set_avail_event
+    raced = []
+
+    def driver_adds_a_buffer_as_the_device_arms(m):
+        arm(m)
+        if not raced:  # the driver publishes after the device's last look
+            raced.append(drv.add_buffers([b"late"], []))
+
+    queue.set_avail_event = driver_adds_a_buffer_as_the_device_arms
+    drv.add_buffers([b"first"], [])
+    served = []
+
+    process_queue(mem, queue, Counter(), lambda c: served.append(c.readable_len()) or 0)
+
+    assert served == [5, 4]
 
 
 def test_add_used_publishes_element_and_index(mem, drv):

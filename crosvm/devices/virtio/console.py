@@ -20,6 +20,7 @@ from crosvm.vm_memory import GuestMemory
 QUEUE_SIZE = 256
 RECEIVEQ, TRANSMITQ = 0, 1
 INPUT_BUFFER_LIMIT = 1 << 16
+TRANSMIT_CHUNK = 1 << 12
 
 
 class Console(V.VirtioDevice):
@@ -86,35 +87,30 @@ class Console(V.VirtioDevice):
         rxq, txq = by_index[RECEIVEQ][0], by_index[TRANSMITQ][0]
 
         def transmit(chain: DescriptorChain) -> int:
-            data = Reader(mem, chain).read_all()
-            if self.output is not None and data:
-                self.output.write(data)
+            # Streamed in small pieces: a chain may describe up to 4 GiB (or alias one
+            # page many times), and none of it is held in host memory at once.
+            reader = Reader(mem, chain)
+            while n := min(reader.available_bytes(), TRANSMIT_CHUNK):
+                data = reader.read(n)
+                if self.output is not None:
+                    self.output.write(data)
             return 0
 
-        def receive() -> None:
-            used = 0
-            while self._has_input():
-                chain = rxq.pop(mem)
-                if chain is None:
-                    break  # wait for the driver to add buffers (a kick on receiveq)
-                writer = Writer(mem, chain)
-                data = self._take_input(writer.available_bytes())
-                writer.write(data)
-                rxq.add_used(mem, chain.index, len(data))
-                used += 1
-            rxq.set_avail_event(mem)
-            if used and rxq.needs_interrupt(mem):
-                interrupt.signal_used_queue(rxq.vector)
+        def fill(chain: DescriptorChain) -> int:
+            writer = Writer(mem, chain)
+            data = self._take_input(writer.available_bytes())
+            writer.write(data)
+            return len(data)
 
-        def handle(index: int) -> None:
+        def handle(index: int) -> bool:
             if index == TRANSMITQ:
-                V.process_queue(mem, txq, interrupt, transmit)
-            else:
-                receive()
+                return V.process_queue(mem, txq, interrupt, transmit)
+            return V.process_queue(mem, rxq, interrupt, fill, want=self._has_input)
 
         def on_input() -> None:
             self.input_ready.wait()
-            receive()
+            if handle(RECEIVEQ):
+                self.input_ready.signal()  # more input than one turn's budget
 
         self.worker = V.QueueWorker(
             "v_console", interrupt, [(i, e) for i, _, e in queues], handle,

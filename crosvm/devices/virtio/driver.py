@@ -21,14 +21,10 @@ class QueueDriver:
                  event_idx: bool = False) -> None:
         self.mem = mem
         self.size = size
-        self.queue = Queue(size)
+        avail_ring = base + 16 * size
+        used_ring = (avail_ring + 6 + 2 * size + 4095) & ~4095
+        self.queue = Queue(size, base, avail_ring, used_ring, event_idx=event_idx)
         q = self.queue
-        q.size = size
-        q.desc_table = base
-        q.avail_ring = base + 16 * size
-        q.used_ring = (q.avail_ring + 6 + 2 * size + 4095) & ~4095
-        q.event_idx = event_idx
-        q.ready = True
         self.next_free = (q.used_ring + 6 + 8 * size + 4095) & ~4095
         self.data_start = self.next_free
         self.avail_idx = 0

@@ -3,7 +3,8 @@
 Everything read from guest memory is untrusted: indices are bounded by the queue
 size, chains by a length cap, regions must lie in guest RAM, and a readable buffer
 may not follow a writable one. A bad chain is returned to the driver as used with
-length 0 and logged; the queue and the VMM carry on.
+length 0 and logged (rate-limited); the queue and the VMM carry on. A driver that breaks
+the ring itself gets `QueueError`, which puts the device in NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
+from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_bad_chain_log = RateLimitedLog(log)
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -97,12 +100,19 @@ def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
         index = next_index
 
 
-class Queue:
-    """One split virtqueue: driver-programmed layout plus the device's ring positions."""
+class QueueError(Exception):
+    """The driver broke the ring protocol; the device must be reset (NEEDS_RESET)."""
+
+
+class QueueConfig:
+    """The registers a driver programs for one queue through the transport.
+
+    The transport owns these. At activation `activate()` hands the worker a new `Queue`
+    built from them, so nothing the transport does afterwards can reach a live ring.
+    """
 
     def __init__(self, max_size: int) -> None:
-        if max_size < 1 or max_size > MAX_QUEUE_SIZE or max_size & (max_size - 1):
-            raise ValueError(f"queue size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
+        _check_size(max_size)
         self.max_size = max_size
         self.reset()
 
@@ -113,20 +123,16 @@ class Queue:
         self.desc_table = 0
         self.avail_ring = 0
         self.used_ring = 0
-        self.next_avail = 0
-        self.next_used = 0
-        self.event_idx = False
-        self.signalled_used: int | None = None
 
-    def is_valid(self, mem: GuestMemory) -> bool:
-        """Layout checks the device does at activation (virtio 2.7, crosvm's SplitQueue)."""
+    def is_valid(self, mem: GuestMemory, event_idx: bool) -> bool:
+        """Layout checks the device does at activation (virtio 2.7)."""
         n = self.size
         if not self.ready:
             return False
         if n == 0 or n > self.max_size or n & (n - 1):
             log.warning("queue size %d is not a power of two <= %d", n, self.max_size)
             return False
-        extra = 2 if self.event_idx else 0
+        extra = 2 if event_idx else 0
         for name, addr, length, align in (("descriptor table", self.desc_table, 16 * n, 16),
                                           ("available ring", self.avail_ring, 6 + 2 * n + extra, 2),
                                           ("used ring", self.used_ring, 6 + 8 * n + extra, 4)):
@@ -136,30 +142,67 @@ class Queue:
                 return False
         return True
 
+    def activate(self, event_idx: bool) -> "Queue":
+        return Queue(self.size, self.desc_table, self.avail_ring, self.used_ring,
+                     vector=self.vector, event_idx=event_idx)
+
+
+def _check_size(size: int) -> None:
+    if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
+        raise ValueError(f"queue size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+
+
+class Queue:
+    """A live split virtqueue: its (validated, frozen) layout and the device's ring
+    positions. Owned by exactly one worker."""
+
+    def __init__(self, size: int, desc_table: int = 0, avail_ring: int = 0, used_ring: int = 0,
+                 vector: int = 0xFFFF, event_idx: bool = False) -> None:
+        _check_size(size)
+        self.size = size
+        self.desc_table = desc_table
+        self.avail_ring = avail_ring
+        self.used_ring = used_ring
+        self.vector = vector
+        self.event_idx = event_idx
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used: int | None = None
+        self.used_since_signal = 0  # elements added since the driver was last interrupted
+
     # -- driver → device --------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:
         return mem.read_int(self.avail_ring + 2, 2)
 
+    def has_available(self, mem: GuestMemory) -> bool:
+        return self.avail_idx(mem) != self.next_avail
+
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
-        """The next available chain, or None. Bad chains are completed with length 0."""
-        while True:
+        """The next available chain, or None.
+
+        A bad chain is completed with length 0 (the driver gets it back and is
+        interrupted) and the next one is tried. A driver that breaks the ring itself
+        (an index jump beyond the queue size, a head outside the table) raises
+        `QueueError`: the queue cannot be trusted any more.
+        """
+        for _ in range(self.size):  # at most a ring's worth of bad chains per call
             avail = self.avail_idx(mem)
             pending = (avail - self.next_avail) & 0xFFFF
             if pending == 0:
                 return None
             if pending > self.size:
-                log.warning("driver's available index jumped by %d (queue size %d); ignoring",
-                            pending, self.size)
-                return None
+                raise QueueError(f"available index jumped by {pending} (queue size {self.size})")
             slot = self.next_avail % self.size
             head = mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
+            if head >= self.size:
+                raise QueueError(f"available ring entry {head} is outside the table ({self.size})")
             self.next_avail = (self.next_avail + 1) & 0xFFFF
             try:
                 return parse_chain(mem, self.desc_table, self.size, head)
             except DescriptorError as e:
-                log.warning("dropping bad descriptor chain (head %d): %s", head, e)
-                if head < self.size:
-                    self.add_used(mem, head, 0)
+                _bad_chain_log.warning("dropping bad descriptor chain (head %d): %s", head, e)
+                self.add_used(mem, head, 0)
+        return None
 
     def set_avail_event(self, mem: GuestMemory) -> None:
         """With EVENT_IDX, ask for a kick when the driver makes the next buffer available."""
@@ -171,11 +214,13 @@ class Queue:
         slot = self.next_used % self.size
         mem.write(self.used_ring + 4 + 8 * slot, struct.pack("<II", head, length))
         self.next_used = (self.next_used + 1) & 0xFFFF
+        self.used_since_signal += 1
         # The element is written before the index: on x86 stores are not reordered.
         mem.write_int(self.used_ring + 2, self.next_used, 2)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
+        self.used_since_signal = 0
         if self.event_idx:
             used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
             old = self.signalled_used

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import traceback
 from typing import Callable
 
 from crosvm.base import Event, IrqLevelEvent
+from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.pci.msix import NO_VECTOR, MsixConfig
-from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class Interrupt:
         self.config_vector = NO_VECTOR
         self._isr = 0
         self._lock = threading.Lock()
+        # Set by the transport: marks the device NEEDS_RESET and sends a config interrupt.
+        self.on_needs_reset: Callable[[str], None] | None = None
 
     def _signal(self, vector: int, isr_bit: int) -> None:
         if self.msix is not None and self.msix.enabled:
@@ -75,6 +79,12 @@ class Interrupt:
 
     def signal_config_changed(self) -> None:
         self._signal(self.config_vector, ISR_CONFIG)
+
+    def signal_needs_reset(self, why: str) -> None:
+        """The driver broke the protocol: the device stops and asks to be reset."""
+        log.error("virtio device needs reset: %s", why)
+        if self.on_needs_reset is not None:
+            self.on_needs_reset(why)
 
     def read_and_clear_isr(self) -> int:
         with self._lock:
@@ -129,7 +139,8 @@ class VirtioDevice:
         raise NotImplementedError
 
     def reset(self) -> bool:
-        """Stop the worker (it owns the queues); False if the device cannot reset."""
+        """Stop the worker and take the queues back (`WorkerStuck` if it will not stop);
+        False if the device cannot reset."""
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
@@ -143,21 +154,42 @@ class VirtioDevice:
         self.reset()
 
 
-class QueueWorker:
-    """A thread that waits on queue kicks, INTx resamples and a kill event.
+STOP_TIMEOUT = 10.0  # how long a reset waits for a worker to hand its queues back
 
-    `handle(queue_index)` runs after a kick of that queue (the event already drained);
-    `extra` adds more (fd, callback) pairs, such as a console's host input.
+
+class WorkerStuck(Exception):
+    """A worker did not stop when asked; its queues cannot be handed back safely.
+
+    Nothing catches this: the device process dies (or, without a sandbox, the vCPU
+    thread that asked for the reset fails) and the VM stops with exit 33, rather than
+    letting a second worker run on the same queues."""
+
+
+# handle(queue_index) -> True when that queue still has work (a budget was used up).
+HandleFn = Callable[[int], "bool | None"]
+
+
+class QueueWorker:
+    """The thread that owns a device's live queues once it is activated.
+
+    It waits on the queue kick events, the INTx resample fd, `extra` (fd, callback)
+    pairs such as a console's host input, and its kill event. `handle(i)` runs after a
+    kick of queue `i`; when it reports more work, the queue's event is signalled again
+    so the kill event and the other queues get their turn first. A driver that breaks
+    the ring protocol (`QueueError`) puts the device in NEEDS_RESET and ends the worker:
+    it never spins on a broken ring.
     """
 
     def __init__(self, name: str, interrupt: Interrupt, queue_events: list[tuple[int, Event]],
-                 handle: Callable[[int], None],
+                 handle: HandleFn,
                  extra: list[tuple[int, Callable[[], None]]] | None = None) -> None:
         self.kill = Event()
+        self.name = name
         self._interrupt = interrupt
         self._queue_events = queue_events
         self._handle = handle
         self._extra = extra or []
+        self._errors = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -165,7 +197,7 @@ class QueueWorker:
         ep = select.epoll()
         actions: dict[int, Callable[[], None]] = {}
         for index, event in self._queue_events:
-            actions[event.fd] = (lambda i=index, e=event: (e.wait(), self._handle(i)))
+            actions[event.fd] = (lambda i=index, e=event: (e.wait(), self._serve(i, e)))
         if self._interrupt.intx is not None:
             actions[self._interrupt.intx.resample.fd] = self._interrupt.resample
         for fd, callback in self._extra:
@@ -173,47 +205,74 @@ class QueueWorker:
         for fd in actions:
             ep.register(fd, select.EPOLLIN)
         ep.register(self.kill.fd, select.EPOLLIN)
-        # Buffers made available before activation (or before we registered) count too.
-        for index, _ in self._queue_events:
-            self._safe(lambda i=index: self._handle(i))
         try:
+            # Buffers made available before activation (or before we registered) count too.
+            for index, event in self._queue_events:
+                self._safe(lambda i=index, e=event: self._serve(i, e))
             while True:
                 for fd, _ in ep.poll():
                     if fd == self.kill.fd:
                         return
                     self._safe(actions[fd])
+        except QueueError as e:
+            self._interrupt.signal_needs_reset(str(e))
         finally:
             ep.close()
+
+    def _serve(self, index: int, event: Event) -> None:
+        if self._handle(index):
+            event.signal()  # come back after the other events
 
     def _safe(self, fn: Callable[[], None]) -> None:
         try:
             fn()
+        except QueueError:
+            raise
         except Exception:  # a device bug must not take the VMM down; log and go on
-            log.exception("%s: worker error", self._thread.name)
+            self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
 
     def stop(self) -> None:
+        """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""
         self.kill.signal()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5.0)
+        if threading.current_thread() is self._thread:
+            return
+        self._thread.join(STOP_TIMEOUT)
+        if self._thread.is_alive():
+            raise WorkerStuck(f"{self.name}: the worker did not stop within {STOP_TIMEOUT:g} s")
         self.kill.close()
 
 
-def process_queue(mem: GuestMemory, queue: Queue, interrupt: Interrupt,
-                  handle_chain: Callable[[DescriptorChain], int]) -> int:
-    """Serve every available chain, then interrupt the driver once if it asked.
+def signal_used(mem: GuestMemory, queue: Queue, interrupt: Interrupt) -> None:
+    """Interrupt the driver once for what was used since the last interrupt, if it
+    asked for one (EVENT_IDX or the NO_INTERRUPT flag)."""
+    if queue.used_since_signal and queue.needs_interrupt(mem):
+        interrupt.signal_used_queue(queue.vector)
 
-    `handle_chain` returns the number of bytes written into the chain. With
-    EVENT_IDX the avail event is re-armed and the ring re-checked, so a buffer the
+
+def process_queue(mem: GuestMemory, queue: Queue, interrupt: Interrupt,
+                  handle_chain: Callable[[DescriptorChain], int],
+                  want: Callable[[], bool] | None = None, budget: int | None = None) -> bool:
+    """Serve available chains, then interrupt the driver once if it asked.
+
+    `handle_chain` returns the number of bytes written into the chain; `want` (if
+    given) says whether the device has anything to put in another chain. At most
+    `budget` chains (twice the queue size by default) are served per call, so a driver
+    that keeps adding buffers cannot hold the worker: returns True when chains remain.
+    With EVENT_IDX the avail event is re-armed and the ring re-checked, so a buffer the
     driver adds meanwhile is not left without a kick.
     """
-    used = 0
-    while True:
-        while (chain := queue.pop(mem)) is not None:
-            queue.add_used(mem, chain.index, handle_chain(chain))
-            used += 1
-        queue.set_avail_event(mem)
-        if queue.avail_idx(mem) == queue.next_avail:
+    more = False
+    for _ in range(2 * queue.size if budget is None else budget):
+        if want is not None and not want():
             break
-    if used and queue.needs_interrupt(mem):
-        interrupt.signal_used_queue(queue.vector)
-    return used
+        chain = queue.pop(mem)
+        if chain is None:
+            queue.set_avail_event(mem)
+            if not queue.has_available(mem):
+                break
+            continue
+        queue.add_used(mem, chain.index, handle_chain(chain))
+    else:
+        more = queue.has_available(mem)
+    signal_used(mem, queue, interrupt)
+    return more

@@ -18,10 +18,12 @@ from crosvm.devices.pci.config import CAP_ID_MSIX, CAP_ID_VENDOR, BarType, PciBa
 from crosvm.devices.pci.device import PciDevice
 from crosvm.devices.pci.msix import NO_VECTOR, MsixConfig, RouteFn
 from crosvm.devices.virtio import virtio_device as V
-from crosvm.devices.virtio.queue import Queue
+from crosvm.base.ratelimit import RateLimitedLog
+from crosvm.devices.virtio.queue import QueueConfig
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_guest_log = RateLimitedLog(log)
 
 VIRTIO_PCI_VENDOR_ID = 0x1AF4
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
@@ -66,7 +68,8 @@ class VirtioPciDevice(PciDevice):
                  msix_route: RouteFn) -> None:
         self.device = device
         self.mem = mem
-        self.queues = [Queue(n) for n in device.queue_max_sizes()]
+        # The driver-programmed registers; the live queues are the worker's alone.
+        self.queues = [QueueConfig(n) for n in device.queue_max_sizes()]
         self.queue_events = [Event() for _ in self.queues]
         cls, sub = CLASS_CODES.get(device.device_type, (0xFF, 0x00))
         self.config = PciConfiguration(
@@ -77,6 +80,7 @@ class VirtioPciDevice(PciDevice):
             raise ValueError(f"{device.debug_label()} needs {num_vectors} MSI-X irqfds")
         self.msix = MsixConfig(num_vectors, msix_irqfds, msix_route)
         self.interrupt = V.Interrupt(self.msix, None)
+        self.interrupt.on_needs_reset = self._needs_reset
         self._add_capabilities()
         self._lock = threading.RLock()
         self.intx = None
@@ -128,11 +132,12 @@ class VirtioPciDevice(PciDevice):
         self.config_generation = 0
         self.interrupt.config_vector = NO_VECTOR
         self.activated = False
+        self.broken = False  # NEEDS_RESET: set by the worker's thread, cleared by a reset
         for q in self.queues:
             q.reset()
         self.interrupt.read_and_clear_isr()
 
-    def _queue(self) -> Queue | None:
+    def _queue(self) -> QueueConfig | None:
         if 0 <= self.queue_select < len(self.queues):
             return self.queues[self.queue_select]
         return None
@@ -188,7 +193,7 @@ class VirtioPciDevice(PciDevice):
             & 0xFFFF_FFFF if self.driver_feature_select < 2 else 0,
             "config_msix_vector": self.interrupt.config_vector,
             "num_queues": len(self.queues),
-            "device_status": self.status,
+            "device_status": self.status | (V.STATUS_NEEDS_RESET if self.broken else 0),
             "config_generation": self.config_generation,
             "queue_select": self.queue_select,
         }
@@ -218,7 +223,9 @@ class VirtioPciDevice(PciDevice):
 
     def _set_field(self, name: str, value: int) -> None:
         q = self._queue()
-        queue_writable = q is not None and not self.status & V.STATUS_DRIVER_OK
+        # Frozen once the driver says DRIVER_OK, and while a worker owns the queues.
+        queue_writable = (q is not None and not self.activated
+                          and not self.status & V.STATUS_DRIVER_OK)
         if name == "device_feature_select":
             self.device_feature_select = value
         elif name == "driver_feature_select":
@@ -251,15 +258,20 @@ class VirtioPciDevice(PciDevice):
 
     # -- status state machine ---------------------------------------------------
     def _set_status(self, value: int) -> None:
-        value &= 0xFF
+        value &= 0xFF & ~V.STATUS_NEEDS_RESET  # the device's bit, not the driver's
         if value == 0:
             self._reset()
+            return
+        if self.status & ~value:
+            # Only a reset (0) may clear status bits (virtio 1.x, 2.1.1).
+            _guest_log.warning("%s: driver tried to clear status bits (%#x -> %#x); ignored",
+                               self.debug_label(), self.status, value)
             return
         if value & ~self.status & V.STATUS_FEATURES_OK:
             offered = self.device.features()
             if (self.driver_features & ~offered) or not (
                     self.driver_features >> V.VIRTIO_F_VERSION_1) & 1:
-                log.warning("%s: driver accepted features %#x not offered (%#x) or without "
+                _guest_log.warning("%s: driver accepted features %#x not offered (%#x) or without "
                             "VERSION_1", self.debug_label(), self.driver_features, offered)
                 value &= ~V.STATUS_FEATURES_OK
             else:
@@ -274,13 +286,12 @@ class VirtioPciDevice(PciDevice):
         event_idx = bool((self.driver_features >> V.VIRTIO_RING_F_EVENT_IDX) & 1)
         ready = []
         for i, q in enumerate(self.queues):
-            q.event_idx = event_idx
             if not q.ready:
                 continue
-            if not q.is_valid(self.mem):
+            if not q.is_valid(self.mem, event_idx):
                 self._needs_reset(f"queue {i} is invalid")
                 return
-            ready.append((i, q, self.queue_events[i]))
+            ready.append((i, q.activate(event_idx), self.queue_events[i]))
         try:
             self.device.activate(self.mem, self.interrupt, ready)
         except Exception as e:  # noqa: BLE001 - a failed activate only breaks this device
@@ -289,12 +300,16 @@ class VirtioPciDevice(PciDevice):
         self.activated = True
 
     def _needs_reset(self, why: str) -> None:
-        log.error("%s: %s; device needs reset", self.debug_label(), why)
-        self.status |= V.STATUS_NEEDS_RESET
+        """NEEDS_RESET plus a config interrupt (virtio 1.x, 2.1.2). Called from the vCPU
+        path or from the worker's thread, so it takes no lock: the worker may be the one
+        a reset (holding the lock) is waiting for."""
+        _guest_log.error("%s: %s; device needs reset", self.debug_label(), why)
+        self.broken = True
         self.config_generation = (self.config_generation + 1) & 0xFF
         self.interrupt.signal_config_changed()
 
     def _reset(self) -> None:
+        # The worker hands the queues back, or WorkerStuck ends this device (exit 33).
         if self.activated and not self.device.reset():
             log.warning("%s: device does not support reset", self.debug_label())
         for e in self.queue_events:
