@@ -9,11 +9,12 @@ import os
 import pytest
 
 from crosvm.jail import Jail, ensure_pivot_root
+from tests.unit.jail_dirs import reachable_empty_dir
 
 
 def jailed_probe(tmp_path) -> dict:
     """Fork, jail, run probes inside, return their results (and the jailed pid's status)."""
-    root = str(tmp_path / "empty")
+    root = reachable_empty_dir()
     ensure_pivot_root(root)
     r, w = os.pipe()
     go_r, go_w = os.pipe()
@@ -25,12 +26,16 @@ def jailed_probe(tmp_path) -> dict:
             Jail(pivot_root=root).enter()
             results = {"pid": os.getpid(), "listdir": os.listdir("/")}
             for name, probe in (("open_host_path", lambda: open("/etc/passwd").close()),
-                                ("execve", lambda: os.execv("/bin/sh", ["sh"]))):
+                                ("execve", lambda: os.execv("/bin/sh", ["sh"])),
+                                ("mkdir_in_root", lambda: os.mkdir("/new")),
+                                ("allocate_1gib", lambda: bytearray(1 << 30))):
                 try:
                     probe()
                     results[name] = "allowed"
                 except OSError as e:
                     results[name] = e.errno
+                except MemoryError:
+                    results[name] = "MemoryError"
             os.write(w, json.dumps(results).encode())
             os.read(go_r, 1)   # stay alive while the parent reads /proc
         finally:
@@ -42,6 +47,8 @@ def jailed_probe(tmp_path) -> dict:
     status = dict(line.split(":", 1) for line in open(f"/proc/{grandchild}/status"))
     results["status"] = {k: v.strip() for k, v in status.items()}
     results["root_ino"] = os.stat(f"/proc/{grandchild}/root").st_ino
+    results["root_mount"] = [line.split() for line in open(f"/proc/{grandchild}/mountinfo")
+                             if line.split()[4] == "/"]
     results["empty_ino"] = os.stat(root).st_ino
     os.write(go_w, b"x")
     _, wait_status = os.waitpid(pid, 0)
@@ -49,12 +56,23 @@ def jailed_probe(tmp_path) -> dict:
     return results
 
 
+def user_namespaces_available() -> bool:
+    """Root can always create one; others only where the kernel allows it."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
+            return f.read().strip() == "1"
+    except FileNotFoundError:
+        return os.path.exists("/proc/self/ns/user")
+
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    try:
-        return jailed_probe(tmp_path_factory.mktemp("jail"))
-    except (OSError, json.JSONDecodeError, IndexError) as e:
-        pytest.skip(f"namespaces unavailable here: {e}")
+    # Only a missing precondition skips; a failure inside the jail fails the tests.
+    if not user_namespaces_available():
+        pytest.skip("user namespaces are not available to this user")
+    return jailed_probe(tmp_path_factory.mktemp("jail"))
 
 
 def test_jailed_process_is_pid_1_of_its_namespace(probe):
@@ -82,14 +100,40 @@ def test_jailed_process_has_no_new_privs(probe):
     assert probe["status"]["NoNewPrivs"] == "1"
 
 
+def test_jailed_process_of_root_runs_as_an_unused_unprivileged_id(probe):
+    from crosvm.jail.jail import JAIL_ID
+    expected = JAIL_ID if os.geteuid() == 0 else os.getuid()
+    uids = probe["status"]["Uid"].split()
+    gids = probe["status"]["Gid"].split()
+
+    assert (set(uids), set(gids)) == ({str(expected)}, {str(JAIL_ID if os.geteuid() == 0
+                                                             else os.getgid())})
+
+
+def test_jailed_root_is_mounted_read_only(probe):
+    (root,) = probe["root_mount"]
+
+    assert "ro" in root[5].split(",")
+
+
+def test_jailed_process_cannot_write_its_root(probe):
+    assert probe["mkdir_in_root"] in (13, 30)  # EACCES or EROFS, never "allowed"
+
+
+def test_jailed_process_heap_is_limited(probe):
+    assert probe["allocate_1gib"] == "MemoryError"
+
+
 def test_jailed_process_exit_is_mirrored(probe):
     assert probe["exit"] == 0
 
 
-def test_missing_pivot_root_is_created(tmp_path):
-    path = tmp_path / "a" / "b"
-    ensure_pivot_root(str(path))
-    assert path.is_dir()
+def test_missing_pivot_root_is_created():
+    path = os.path.join(os.path.dirname(reachable_empty_dir()), "a", "b")
+
+    ensure_pivot_root(path)
+
+    assert os.path.isdir(path)
 
 
 def test_uncreatable_pivot_root_names_option(tmp_path):
@@ -98,3 +142,13 @@ def test_uncreatable_pivot_root_names_option(tmp_path):
     from crosvm.jail import JailError
     with pytest.raises(JailError, match="--pivot-root"):
         ensure_pivot_root(str(blocker / "sub"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the device user is only changed for root")
+def test_pivot_root_unreachable_by_the_device_user_names_the_directory(tmp_path):
+    from crosvm.jail import JailError
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+
+    with pytest.raises(JailError, match=f"{private} is not searchable by others"):
+        ensure_pivot_root(str(private / "empty"))

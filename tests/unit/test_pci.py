@@ -323,3 +323,76 @@ def test_pvpanic_reports_supported_events():
     data = memoryview(bytearray(1))
     PvPanic(lambda: None).read_bar(0, 0, data)
     assert data[0] == 0b11
+
+
+def activate_rng(dev):
+    negotiate(dev)
+    setup_queue(dev)
+    bar_write(dev, 0x14, DRIVER_OK_STATUS, 1)
+
+
+def wait_for(predicate, timeout=5.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_avail_index_jump_puts_device_in_needs_reset_and_ends_worker(rng_pci, mem):
+    activate_rng(rng_pci)
+    worker = rng_pci.device.worker
+    mem.write_int(0x2000 + 2, 17, 2)   # avail idx 17 ahead on a 16-entry queue
+
+    rng_pci.queue_events[0].signal()
+
+    assert wait_for(lambda: bar_read(rng_pci, 0x14, 1) & V.STATUS_NEEDS_RESET)
+    assert wait_for(lambda: not worker._thread.is_alive())
+
+
+def test_needs_reset_device_recovers_after_a_reset(rng_pci, mem):
+    activate_rng(rng_pci)
+    mem.write_int(0x2000 + 2, 17, 2)
+    rng_pci.queue_events[0].signal()
+    wait_for(lambda: bar_read(rng_pci, 0x14, 1) & V.STATUS_NEEDS_RESET)
+
+    bar_write(rng_pci, 0x14, 0, 1)
+    mem.write_int(0x2000 + 2, 0, 2)
+    activate_rng(rng_pci)
+
+    assert bar_read(rng_pci, 0x14, 1) == DRIVER_OK_STATUS
+    assert rng_pci.device.worker._thread.is_alive()
+
+
+def test_status_write_clearing_driver_ok_is_ignored_and_queues_stay_frozen(rng_pci):
+    activate_rng(rng_pci)
+
+    bar_write(rng_pci, 0x14, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER, 1)
+    bar_write(rng_pci, 0x20, 0x5000, 8)
+
+    assert (bar_read(rng_pci, 0x14, 1), bar_read(rng_pci, 0x20, 8)) == (DRIVER_OK_STATUS, 0x1000)
+
+
+def test_driver_cannot_set_needs_reset_itself(rng_pci):
+    activate_rng(rng_pci)
+
+    bar_write(rng_pci, 0x14, DRIVER_OK_STATUS | V.STATUS_NEEDS_RESET, 1)
+
+    assert bar_read(rng_pci, 0x14, 1) == DRIVER_OK_STATUS
+
+
+def test_reset_with_a_stuck_worker_fails_instead_of_starting_a_second(rng_pci, monkeypatch):
+    import threading
+    monkeypatch.setattr(V, "STOP_TIMEOUT", 0.2)
+    stuck = threading.Event()
+    rng_pci.device.activate = lambda mem, irq, queues: setattr(
+        rng_pci.device, "worker", V.QueueWorker("stuck", irq, [(0, queues[0][2])],
+                                                lambda i: stuck.wait()))
+    activate_rng(rng_pci)
+    rng_pci.queue_events[0].signal()
+
+    with pytest.raises(V.WorkerStuck):
+        bar_write(rng_pci, 0x14, 0, 1)
+
+    stuck.set()
+    assert rng_pci.activated  # still owned by the old worker: nothing was re-armed

@@ -14,6 +14,7 @@ import pytest
 from crosvm.devices.proxy import DeviceProcess, HostRequests, PciProxy, describe_status
 from crosvm.devices.sandbox_probe import NOT_RUN, PROBE_REG, RESULT_REG, SandboxProbe
 from crosvm.jail import Jail, ensure_pivot_root
+from tests.unit.jail_dirs import reachable_empty_dir
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 
 OPEN_HOST_FILE, CREATE_SOCKET, EXECVE, PTRACE = 1, 2, 3, 4
@@ -48,7 +49,7 @@ class Probe:
 
 @pytest.fixture
 def jail(tmp_path):
-    root = str(tmp_path / "empty")
+    root = reachable_empty_dir()
     ensure_pivot_root(root)
     if not os.path.exists("/proc/self/ns/user"):
         pytest.skip("no user namespaces")
