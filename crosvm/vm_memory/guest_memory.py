@@ -7,6 +7,7 @@ goes through `slice()`, which refuses ranges that are not wholly inside one regi
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass
@@ -45,8 +46,12 @@ class GuestMemory:
                 raise GuestMemoryError(f"memory regions overlap at {b:#x}")
         total = sum(size for _, size in ranges)
         try:
-            self.memfd = os.memfd_create("crosvm_guest", os.MFD_CLOEXEC)
+            self.memfd = os.memfd_create("crosvm_guest", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(self.memfd, total)
+            # Nobody holding the fd (a device process, say) can shrink RAM under the
+            # guest (SIGBUS in every mapping) or grow it.
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         except OSError as e:
             raise GuestMemoryError(f"failed to create guest memory: {e.strerror}") from e
         self.regions: list[MemoryRegion] = []

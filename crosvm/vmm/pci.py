@@ -126,7 +126,8 @@ class PciSetup:
             allocator = self.high if bar.type is BarType.MEM64 else self.low
             bar.address = allocator.allocate(bar.size)
         device.assign_bars(bars)
-        fds = [self.mem.memfd] + list(keep_fds or [])
+        # Not the memfd: the child's inherited mapping is all it needs of guest RAM.
+        fds = list(keep_fds or [])
         if device.wants_intx():
             irq = self._allocate_irq()
             line = IrqLevelEvent()

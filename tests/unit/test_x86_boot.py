@@ -225,3 +225,21 @@ def test_madt_marks_pci_irq_level_triggered():
 def test_xsdt_lists_mcfg_when_pci_present():
     blob, _ = A.build_acpi_tables(1, A.PmPorts(), pci=A.PciLayout())
     assert b"MCFG" in blob
+
+
+def test_guest_memory_is_sealed_against_shrink_and_grow():
+    import errno as E
+    import os as O
+
+    from crosvm.vm_memory import GuestMemory
+    mem = GuestMemory([(0, 1 << 20)])
+    results = []
+    for size in (1 << 19, 1 << 21):
+        try:
+            O.ftruncate(mem.memfd, size)
+            results.append("allowed")
+        except OSError as e:
+            results.append(e.errno)
+    mem.close()
+
+    assert results == [E.EPERM, E.EPERM]

@@ -6,6 +6,7 @@ import ctypes as C
 import errno
 import mmap
 import os
+import threading
 
 from crosvm.base.ioctl import ioctl_ref, ioctl_val
 from crosvm.hypervisor.kvm import bindings as B
@@ -69,6 +70,9 @@ class KvmVm:
         # GSI -> routing entry; KVM_SET_GSI_ROUTING replaces the whole table, so the
         # irqchip's default pins are kept here alongside the MSI routes.
         self._routes: dict[int, list[B.kvm_irq_routing_entry]] = {}
+        # One lock for the whole table: two vCPUs programming MSI-X at once must not
+        # commit each other's half-updated table (ctypes releases the GIL in the ioctl).
+        self._routes_lock = threading.Lock()
 
     def add_memory_region(self, guest_addr: int, size: int, host_addr: int,
                           read_only: bool = False) -> int:
@@ -111,10 +115,11 @@ class KvmVm:
         entry.msi.address_lo = address & 0xFFFF_FFFF
         entry.msi.address_hi = address >> 32
         entry.msi.data = data
-        self._routes[gsi] = [entry]
-        self._commit_routes()
+        with self._routes_lock:
+            self._routes[gsi] = [entry]
+            self._commit_routes_locked()
 
-    def _commit_routes(self) -> None:
+    def _commit_routes_locked(self) -> None:
         entries = [e for gsi in sorted(self._routes) for e in self._routes[gsi]]
         table = B.irq_routing_type(len(entries))(nr=len(entries))
         for i, entry in enumerate(entries):
