@@ -51,10 +51,11 @@ class GuestVm:
     def __init__(self, kernel: str, initrd: str | None, workdir: str, cpus: int = 1,
                  mem: int = 256, params: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
                  console_hardware: str = "serial", mode: str = "agent",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, entry: str = "crosvm") -> None:
         """`initrd=None` boots from a root disk in `extra_args`; `console_hardware`
         `virtio-console` makes hvc0 the console (written to `console_path`); `env` is
-        added to crosvm's environment."""
+        added to crosvm's environment; `entry` is the module run as `python -m` (a test
+        entry point such as tests.support.probe_vmm)."""
         self.workdir = workdir
         self.console_path = os.path.join(workdir, "console.log")
         self.log_path = os.path.join(workdir, "crosvm.log")
@@ -65,7 +66,7 @@ class GuestVm:
             # crosvm adds console=hvc0 itself; ttyS0 must not win as /dev/console.
             host_cmdline = " ".join(w for w in host_cmdline.split() if w != "console=ttyS0")
         cmdline = " ".join((host_cmdline, f"pycrosvm.mode={mode}") + tuple(params))
-        self.args = [sys.executable, "-m", "crosvm", "run",
+        self.args = [sys.executable, "-m", entry, "run",
                      "--cpus", str(cpus), "--mem", str(mem),
                      *(("--initrd", initrd) if initrd else ()),
                      "--serial", f"type=file,path={self.console_path},num=1,console,"

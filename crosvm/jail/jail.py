@@ -121,12 +121,14 @@ class Jail:
     _filters: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def filter_for(self, policy: str) -> bytes:
-        """The BPF for `<policy_dir>/<policy>.policy`, compiled once (call it before fork).
+        """The BPF for `<policy_dir>/<policy>.policy` (or `policy` itself when it is an
+        absolute path), compiled once (call it before fork).
 
         A syscall outside the policy kills the process (SIGSYS), or with
         `seccomp_log_failures` is allowed and logged by the kernel."""
         if policy not in self._filters:
-            path = Path(self.seccomp_policy_dir) / f"{policy}.policy"
+            path = Path(policy) if os.path.isabs(policy) else (
+                Path(self.seccomp_policy_dir) / f"{policy}.policy")
             default = ACT_LOG if self.seccomp_log_failures else ACT_KILL_PROCESS
             try:
                 self._filters[policy] = compile_filter(load_policy(path).rules, default)

@@ -7,6 +7,7 @@ import os
 import signal
 import termios
 import tty
+from typing import Sequence
 
 from crosvm.arch.x86_64 import layout as L
 from crosvm.arch.x86_64 import regs as R
@@ -23,7 +24,6 @@ from crosvm.devices.serial import Serial
 from crosvm.devices.pci import PciDevice
 from crosvm.devices.proxy import (BusProxy, DeviceProcess, HostRequests, PciProxy,
                                   describe_status, killing_signal)
-from crosvm.devices import sandbox_probe
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
@@ -83,8 +83,11 @@ def _input_starter(fd: int, sink, name: str):
 class Vm:
     """A built VM: memory, buses, devices and vCPUs, ready to `run()`."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> None:
+        """`extra_pci_devices` are added after the command line's devices (for library
+        users and tests; the CLI has no way to add them)."""
         self.cfg = cfg
+        self.extra_pci_devices = list(extra_pci_devices)
         self.exit_state = ExitState()
         self.io_bus = Bus()
         self.mmio_bus = Bus()
@@ -100,6 +103,10 @@ class Vm:
                              seccomp_log_failures=cfg.seccomp_log_failures)
             if cfg.seccomp_policy_dir is not None:
                 self.jail.seccomp_policy_dir = cfg.seccomp_policy_dir
+            # Every policy this VM needs, compiled before anything else is touched: a bad
+            # policy file is an invalid argument, found without opening KVM.
+            for policy in self._seccomp_policies():
+                self.jail.filter_for(policy)
             self.audit = SeccompAuditLog()  # before any device runs: only this run counts
             self._closers.append(self.audit.close)
         self.kvm = Kvm(cfg.hypervisor_device)
@@ -123,6 +130,17 @@ class Vm:
         if cfg.socket:  # after every device fork: no device process inherits it
             self.control = ControlServer(cfg.socket, {"Exit": self._exit_request})
             self._closers.append(self.control.close)
+
+    def _seccomp_policies(self) -> list[str]:
+        cfg = self.cfg
+        policies = [Serial.seccomp_policy, PvPanic.seccomp_policy]
+        if cfg.disks:
+            policies.append(Block.seccomp_policy)
+        if not cfg.no_rng:
+            policies.append(Rng.seccomp_policy)
+        if cfg.virtio_consoles():
+            policies.append(Console.seccomp_policy)
+        return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
         """The irqfd for an edge-triggered ISA interrupt line (shared by its devices)."""
@@ -253,8 +271,8 @@ class Vm:
 
         host = HostRequests(exit=panic_exit)
         self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
-        if os.environ.get(sandbox_probe.ENV) == "1":
-            self.pci.add(sandbox_probe.SandboxProbe())
+        for device in self.extra_pci_devices:
+            self.pci.add(device)
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -343,11 +361,11 @@ class RawTerminal:
             termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
 
 
-def run_config(cfg: Config) -> ExitCode:
+def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> ExitCode:
     """Build and run a VM; log why it failed or stopped; return crosvm's exit code."""
     try:
         cfg.validate()
-        vm = Vm(cfg)
+        vm = Vm(cfg, extra_pci_devices)
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS

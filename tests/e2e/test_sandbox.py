@@ -1,6 +1,6 @@
 """End-to-end: a device process that breaks its seccomp policy is killed, and only it;
 the VM stops with exit 33 naming the device and the syscall. The sandbox probe (a
-test-only PCI device, `CROSVM_TEST_SANDBOX_PROBE=1`) is driven by the guest through
+test-only PCI device, added by the test entry point tests.support.probe_vmm) is driven by the guest through
 its config space in sysfs."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def family(pid: int) -> list[str]:
 def test_device_breaking_its_policy_stops_vm_with_33_naming_device_and_syscall(
         kernel, initramfs, tmp_path):
     with GuestVm(kernel, initramfs, str(tmp_path), cpus=1, mem=128,
-                 env={"CROSVM_TEST_SANDBOX_PROBE": "1"}) as guest:
+                 entry="tests.support.probe_vmm") as guest:
         guest.wait_ready()
         dev = guest.run(FIND_PROBE).stdout.strip()
         # Probe 1 opens /etc/passwd from inside the device process: it gets ENOENT (2).

@@ -275,12 +275,13 @@ def test_sandbox_defaults_are_crosvms():
             cfg.pivot_root, cfg.socket) == (False, False, None, "/var/empty", None)
 
 
-@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
 def test_missing_seccomp_policy_dir_exits_35_naming_the_file(tmp_path, capsys):
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"\x7fELF")  # never read: the devices come first
+    no_kvm = f"kvm[device={tmp_path}/no-kvm]"  # policies are checked before KVM is opened
 
-    code = main(["run", "--seccomp-policy-dir", str(tmp_path / "none"), str(kernel)])
+    code = main(["run", "--hypervisor", no_kvm, "--seccomp-policy-dir",
+                 str(tmp_path / "none"), str(kernel)])
 
     assert code == 35
     assert f"{tmp_path}/none/serial.policy: No such file or directory" in capsys.readouterr().err

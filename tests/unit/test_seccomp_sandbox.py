@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from crosvm.devices.proxy import DeviceProcess, HostRequests, PciProxy, describe_status
-from crosvm.devices.sandbox_probe import NOT_RUN, PROBE_REG, RESULT_REG, SandboxProbe
+from tests.support.sandbox_probe import NOT_RUN, PROBE_REG, RESULT_REG, SandboxProbe
 from crosvm.jail import Jail, ensure_pivot_root
 from tests.unit.jail_dirs import reachable_empty_dir
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name

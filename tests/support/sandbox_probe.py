@@ -1,8 +1,8 @@
 """A deliberately misbehaving test device: it tries what a compromised device would.
 
-Test-only. The VMM adds it (PCI 1ae0:7e57, no BARs, no interrupt) when the
-environment has `CROSVM_TEST_SANDBOX_PROBE=1`, so end-to-end tests can show from
-inside a device process that the jail and the seccomp policy hold. The guest writes
+Test-only, and not part of the product: `python -m tests.support.probe_vmm run ...` is
+crosvm's `run` plus this device (PCI 1ae0:7e57, no BARs, no interrupt), so end-to-end
+tests can show from inside a device process that the jail and the seccomp policy hold. The guest writes
 a probe number to config byte 0x40 (as root: `dd` into the device's sysfs `config`)
 and reads the outcome, an errno (0: it worked), as a 32-bit value at 0x44.
 
@@ -22,7 +22,6 @@ from typing import Callable
 from crosvm.devices.pci.config import PciConfiguration
 from crosvm.devices.pci.device import PciDevice
 
-ENV = "CROSVM_TEST_SANDBOX_PROBE"
 VENDOR_ID = 0x1AE0  # Google, whose vendor id crosvm's own devices use
 DEVICE_ID = 0x7E57
 CLASS_OTHER = 0xFF
@@ -70,7 +69,9 @@ PROBES: dict[int, Callable[[], None]] = {
 class SandboxProbe(PciDevice):
     """Runs probe N when the guest writes N to config byte 0x40."""
 
-    seccomp_policy = "sandbox_probe"
+    # Exactly the common set (a path: the product's policy directory does not have it).
+    seccomp_policy = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                  "sandbox_probe.policy")
 
     def __init__(self) -> None:
         self.config = PciConfiguration(VENDOR_ID, DEVICE_ID, CLASS_OTHER, 0)
