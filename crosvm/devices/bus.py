@@ -56,6 +56,15 @@ class Bus:
             self._bases.insert(i, base)
             self._entries.insert(i, (base, length, device))
 
+    def remove(self, base: int) -> BusDevice:
+        """Take out the range that starts at `base` (a BAR the guest moves)."""
+        with self._lock:
+            i = bisect.bisect_left(self._bases, base)
+            if i == len(self._bases) or self._bases[i] != base:
+                raise BusError(f"nothing on the bus at {base:#x}")
+            del self._bases[i]
+            return self._entries.pop(i)[2]
+
     def get_device(self, addr: int) -> tuple[BusDevice, int] | None:
         """The device covering `addr` and the offset into its range, or None."""
         i = bisect.bisect_right(self._bases, addr) - 1

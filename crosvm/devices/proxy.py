@@ -342,6 +342,9 @@ class PciProxy(ProxyBase, PciDevice):
 
     def write_config_register(self, reg: int, offset: int, data: bytes | memoryview) -> None:
         self._call(OP_CFG_WRITE, offset=reg, extra=offset, data=data)
+        # The parent's copy tracks the guest's writes through the same masks, so the VMM
+        # knows where BARs are without asking (or trusting) the device process.
+        self.config.write_reg(reg, offset, data)
 
     def read_bar(self, index: int, offset: int, data: memoryview) -> None:
         _fill(data, self._call(OP_BAR_READ, index=index, length=len(data), offset=offset))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Callable
 
 from crosvm.arch.x86_64 import layout as L
 from crosvm.arch.x86_64.acpi import PciLayout
 from crosvm.base import Event, IrqLevelEvent
-from crosvm.devices.bus import Bus, BusDevice
+from crosvm.base.ratelimit import RateLimitedLog
+from crosvm.devices.bus import Bus, BusDevice, BusError
 from crosvm.devices.pci import BarType, PciBarRegion, PciConfigIo, PciConfigMmio, PciDevice, PciRoot
+from crosvm.devices.pci.config import BAR0_REG, COMMAND_MEMORY, NUM_BARS, PciBar
 from crosvm.devices.proxy import HostRequests
 from crosvm.devices.virtio.virtio_device import VirtioDevice
 from crosvm.devices.virtio.virtio_pci import VirtioPciDevice
@@ -17,6 +20,7 @@ from crosvm.hypervisor.kvm import KvmVm
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_guest_log = RateLimitedLog(log)
 
 PCI_CONFIG_IO_PORT = 0xCF8
 FIRST_PCI_IRQ = 9
@@ -49,6 +53,16 @@ def high_mmio_range(mem_size: int, phys_bits: int) -> tuple[int, int]:
     return start, end - start
 
 
+@dataclass
+class BarMapping:
+    """Where one BAR is on the MMIO bus now, and the ioeventfds inside it."""
+
+    bar: PciBar
+    region: PciBarRegion
+    address: int
+    ioevents: list[tuple[Event, int]] = field(default_factory=list)  # (event, offset)
+
+
 # spawn(device, name, keep_fds, host, start) -> the proxy that replaces the device.
 SpawnFn = Callable[[PciDevice, str, list[int], HostRequests, Callable[[], None] | None],
                    PciDevice]
@@ -78,6 +92,8 @@ class PciSetup:
         self.intx: list[tuple[int, int, int]] = []
         self.devices: list[PciDevice] = []
         self._events: list = []
+        self._bar_maps: dict[int, list[BarMapping]] = {}  # id(bus-side device) -> its BARs
+        self.root.on_config_write = self._config_written
         io_bus.insert(PciConfigIo(self.root, reset_port), PCI_CONFIG_IO_PORT, 8)
         mmio_bus.insert(PciConfigMmio(self.root), L.PCIE_ECAM_START, L.PCIE_ECAM_SIZE)
 
@@ -112,14 +128,19 @@ class PciSetup:
         pci_dev = VirtioPciDevice(device, self.mem, irqfds, host.set_msi_route)
         fds = [e.fd for e in pci_dev.queue_events] + [e.fd for e in irqfds]
         fds += device.keep_fds() + list(keep_fds or [])
-        self.add(pci_dev, host, fds, start)
+        target = self.add(pci_dev, host, fds, start)
+        bar0 = self._bar_maps[id(target)][0]
         for event, addr in pci_dev.notify_addresses():
             # Linux kicks with a 16-bit write of the queue index.
             self.vm.register_ioevent(event.fd, addr, 2, pio=False)
+            bar0.ioevents.append((event, addr - bar0.address))
         return pci_dev
 
     def add(self, device: PciDevice, host: HostRequests | None = None,
-            keep_fds: list[int] | None = None, start: Callable[[], None] | None = None) -> None:
+            keep_fds: list[int] | None = None,
+            start: Callable[[], None] | None = None) -> PciDevice:
+        """Add `device` to bus 0; returns what sits on the bus for it (a proxy when
+        sandboxed)."""
         address = self.root.add_device(device)
         bars = device.bar_specs()
         for bar in bars:
@@ -145,11 +166,59 @@ class PciSetup:
             self.root.devices[address] = target
         elif start is not None:
             start()
+        maps = []
         for bar in bars:
-            self.mmio_bus.insert(PciBarRegion(target, bar), bar.address, bar.size)
+            region = PciBarRegion(target, bar)
+            self.mmio_bus.insert(region, bar.address, bar.size)
+            maps.append(BarMapping(bar, region, bar.address))
+        self._bar_maps[id(target)] = maps
         self.devices.append(device)
         log.debug("pci %s: %s, BARs %s", address, device.debug_label(),
                   ", ".join(f"{b.index}@{b.address:#x}+{b.size:#x}" for b in bars))
+        return target
+
+    # -- BARs the guest moves -----------------------------------------------------
+    def _config_written(self, device: PciDevice, reg: int) -> None:
+        """After a write to the command register or a BAR: follow the guest's BARs.
+
+        Moves take effect while memory decoding is on (Linux turns it off while it
+        sizes or reprograms BARs, so half-written addresses are never mapped)."""
+        if reg != 1 and not BAR0_REG <= reg < BAR0_REG + NUM_BARS:
+            return
+        maps = self._bar_maps.get(id(device))
+        if not maps or not device.config.command & COMMAND_MEMORY:
+            return
+        for m in maps:
+            new = device.config.bar_address(m.bar.index)
+            if new != m.address:
+                self._move_bar(device, m, new)
+
+    def _bar_window_ok(self, bar: PciBar, address: int) -> bool:
+        """Only inside the MMIO windows the DSDT gives the root bridge."""
+        end = address + bar.size
+        low_ok = self.low.base <= address and end <= self.low.end
+        high_ok = self.high.base <= address and end <= self.high.end
+        return low_ok or (bar.type is BarType.MEM64 and high_ok)
+
+    def _move_bar(self, device: PciDevice, m: BarMapping, new: int) -> None:
+        label = f"{device.debug_label()} BAR{m.bar.index}"
+        if not self._bar_window_ok(m.bar, new):
+            _guest_log.warning("%s: guest moved it to %#x, outside the PCI windows; it stays "
+                               "at %#x", label, new, m.address)
+            return
+        self.mmio_bus.remove(m.address)
+        try:
+            self.mmio_bus.insert(m.region, new, m.bar.size)
+        except BusError as e:
+            self.mmio_bus.insert(m.region, m.address, m.bar.size)
+            _guest_log.warning("%s: cannot move to %#x (%s); it stays at %#x", label, new, e,
+                               m.address)
+            return
+        for event, offset in m.ioevents:
+            self.vm.unregister_ioevent(event.fd, m.address + offset, 2, pio=False)
+            self.vm.register_ioevent(event.fd, new + offset, 2, pio=False)
+        log.info("%s moved by the guest: %#x -> %#x", label, m.address, new)
+        m.address = new
 
     def close(self) -> None:
         for device in self.devices:

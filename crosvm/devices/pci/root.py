@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.config import PciConfiguration, read_sub
@@ -48,6 +49,9 @@ class PciRoot:
 
     def __init__(self) -> None:
         self.devices: dict[PciAddress, PciDevice] = {PciAddress(0, 0, 0): PciHostBridge()}
+        # Called after every config write, with the device and the register written
+        # (the VMM moves BARs the guest reprograms).
+        self.on_config_write: Callable[[PciDevice, int], None] | None = None
 
     def add_device(self, device: PciDevice, slot: int | None = None) -> PciAddress:
         """Put `device` in `slot`, or in the lowest free slot (stable for one command line)."""
@@ -74,6 +78,8 @@ class PciRoot:
         device = self.devices.get(PciAddress(bus, dev, func))
         if device is not None:
             device.write_config_register(reg, offset, data)
+            if self.on_config_write is not None:
+                self.on_config_write(device, reg)
 
 
 CONFIG_ADDRESS_ENABLE = 1 << 31
