@@ -51,7 +51,8 @@ class GuestVm:
     def __init__(self, kernel: str, initrd: str | None, workdir: str, cpus: int = 1,
                  mem: int = 256, params: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
                  console_hardware: str = "serial", mode: str = "agent",
-                 env: dict[str, str] | None = None, entry: str = "crosvm") -> None:
+                 env: dict[str, str] | None = None, entry: str = "crosvm",
+                 pass_fds: tuple[int, ...] = ()) -> None:
         """`initrd=None` boots from a root disk in `extra_args`; `console_hardware`
         `virtio-console` makes hvc0 the console (written to `console_path`); `env` is
         added to crosvm's environment; `entry` is the module run as `python -m` (a test
@@ -77,7 +78,8 @@ class GuestVm:
                      # For debugging a run, e.g. "--seccomp-log-failures".
                      *shlex.split(os.environ.get("CROSVM_TEST_EXTRA_ARGS", "")), kernel]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, pass_fds=(out_w, in_r), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.args, pass_fds=(out_w, in_r, *pass_fds),
+                                     stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, **(env or {})})
         os.close(out_w)

@@ -7,6 +7,7 @@ reboot, which end the VM from inside, are in test_power.py.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -55,16 +56,30 @@ def disks(mode, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vm(mode, kernel, initramfs, disks, tmp_path_factory):
+def unread_pipe():
+    """COM3's output: a pipe the test leaves unread until it chooses to read it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def vm(mode, kernel, initramfs, disks, unread_pipe, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
     extra = ("--socket", workdir,  # a directory: the socket is crosvm-<pid>.sock in it
              "--block", f"{disks['data']},id=data-disk", "--block", disks["scratch"],
              "--block", f"{disks['ro']},ro",
-             "--serial", f"type=file,path={disks['hvc']},hardware=virtio-console,num=1")
+             "--serial", f"type=file,path={disks['hvc']},hardware=virtio-console,num=1",
+             "--serial", f"type=file,path=/proc/self/fd/{unread_pipe[1]},num=3")
     if mode == "disable-sandbox":
         extra += ("--disable-sandbox",)
     with GuestVm(kernel, initramfs, workdir, cpus=CPUS, mem=MEM_MIB,
-                 params=(MARKER_PARAM,), extra_args=extra) as guest:
+                 params=(MARKER_PARAM,), extra_args=extra, pass_fds=(unread_pipe[1],)) as guest:
+        os.close(unread_pipe[1])  # crosvm has it now; EOF comes when crosvm is gone
         guest.wait_ready()
         yield guest
 
@@ -264,6 +279,78 @@ def test_every_device_runs_in_its_own_jailed_process(vm, mode):
         assert status["CapEff"] == "0000000000000000"
         assert status["NSpid"].split()[-1] == "1"   # PID 1 of its own namespace
         assert os.listdir(f"/proc/{pid}/root") == []
+
+
+def test_device_processes_hold_no_guest_memory_fd_and_run_unprivileged(vm, mode):
+    from crosvm.jail.jail import JAIL_ID
+    if mode == "disable-sandbox":
+        pytest.skip("no device processes without the sandbox")
+    pids = device_processes(vm)
+    links = {pid: [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+             for pid in pids}
+    expected_uid = JAIL_ID if os.geteuid() == 0 else os.getuid()
+
+    assert [p for p, fds in links.items() if any("crosvm_guest" in t for t in fds)] == []
+    assert {proc_status(p)["Uid"].split()[0] for p in pids} == {str(expected_uid)}
+
+
+UART_FLOOD_BYTES = 200_000  # more than the pipe (64 KiB) and the UART's buffer hold
+
+
+def test_uart_output_nobody_reads_for_30s_keeps_vm_running_and_arrives_once_read(
+        vm, unread_pipe):
+    r, _ = unread_pipe
+    vm.run(f"stty -F /dev/ttyS2 raw -echo; (head -c {UART_FLOOD_BYTES} /dev/zero "
+           f"| tr '\\0' x > /dev/ttyS2; echo done > /tmp/flood) >/dev/null 2>&1 &")
+    answers = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # nobody reads COM3's pipe meanwhile
+        answers.append(vm.run("echo alive", timeout=60).stdout)
+        time.sleep(3)
+    running = vm.proc.poll() is None
+
+    received = 0
+    os.set_blocking(r, False)
+    read_deadline = time.monotonic() + 180
+    while received < UART_FLOOD_BYTES and time.monotonic() < read_deadline:
+        try:
+            received += len(os.read(r, 1 << 16))
+        except BlockingIOError:
+            time.sleep(0.2)
+    finished = vm.run("cat /tmp/flood").stdout
+
+    assert running
+    assert set(answers) == {"alive\n"}
+    assert (received, finished) == (UART_FLOOD_BYTES, "done\n")
+
+
+RNG_BAR_MOVE = r"""
+D=$(grep -l 0x1044 /sys/bus/pci/devices/*/device | head -1); D=${D%/device}; A=${D##*/}
+le() { v=$1; n=$2; i=0; while [ $i -lt $n ]; do
+         printf "\\$(printf %o $(( (v >> (8*i)) & 255 )))"; i=$((i+1)); done; }
+cmd=$(dd if=$D/config bs=2 skip=2 count=1 2>/dev/null | od -An -tu2)
+set -- $(dd if=$D/config bs=4 skip=4 count=2 2>/dev/null | od -An -tu4)
+old=$(( ($2 << 32) | ($1 & ~15) )); new=$((old + 0x100000))
+echo -n $A > /sys/bus/pci/drivers/virtio-pci/unbind
+le $((cmd & ~2)) 2 | dd of=$D/config bs=2 seek=2 conv=notrunc 2>/dev/null
+le $((new & 0xffffffff)) 4 | dd of=$D/config bs=4 seek=4 conv=notrunc 2>/dev/null
+le $((new >> 32)) 4 | dd of=$D/config bs=4 seek=5 conv=notrunc 2>/dev/null
+le $cmd 2 | dd of=$D/config bs=2 seek=2 conv=notrunc 2>/dev/null
+echo 1 > $D/remove; echo 1 > /sys/bus/pci/rescan
+printf '%x %s ' $new "$(head -c 18 $D/resource)"
+readlink $D/driver | sed 's,.*/,,'
+"""
+
+
+def test_guest_moves_a_bar_and_still_uses_the_device(vm):
+    script = base64.b64encode(RNG_BAR_MOVE.encode()).decode()
+    moved = vm.run(f"echo {script} | base64 -d > /tmp/move.sh; sh /tmp/move.sh")
+    wanted, resource, driver = moved.stdout.split()
+    random = vm.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c")
+
+    assert int(resource, 16) == int(wanted, 16), moved
+    assert driver == "virtio-pci"
+    assert random.stdout.strip() == "64"
 
 
 # Keep this test last in the module: it ends the module's VM.
