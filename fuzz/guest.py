@@ -84,3 +84,77 @@ def check_chain(mem: GuestMemory, chain: DescriptorChain, queue_size: int) -> No
         assert mem.is_valid_range(addr, n), f"buffer {addr:#x}+{n:#x} is not in RAM"
         total += n
     assert total <= MAX_CHAIN_BYTES, total
+
+
+class _Recorder:
+    """Stands in for QueueWorker during `activate_sync`: keeps the callbacks, no thread."""
+
+    def __init__(self, name, interrupt, queue_events, handle, extra=None) -> None:
+        self.handle = handle
+        self.extra = dict(extra or [])
+
+    def stop(self) -> None:
+        pass
+
+
+def activate_sync(device, mem: GuestMemory, interrupt, queues):
+    """Activate `device` without its worker thread; returns the worker's `handle(i)` and
+    its extra {fd: callback}, so a target drives the device in its own thread."""
+    from crosvm.devices.virtio import virtio_device as V
+    real = V.QueueWorker
+    V.QueueWorker = _Recorder
+    try:
+        device.activate(mem, interrupt, queues)
+    finally:
+        V.QueueWorker = real
+    worker = device.worker
+    device.worker = None
+    return worker.handle, worker.extra
+
+
+class Driver:
+    """A QueueDriver with its own data area [start, end) that never wraps onto buffers
+    still in flight, and never reuses descriptors the device has not returned."""
+
+    def __init__(self, mem: GuestMemory, size: int, base: int, start: int, end: int) -> None:
+        from crosvm.devices.virtio.driver import QueueDriver
+        self.q = QueueDriver(mem, size=size, base=base)
+        assert self.q.data_start <= start
+        self.q.next_free = self.q.data_start = start
+        self.end = end
+        self.outstanding: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # head -> (ndesc, writable)
+        self.in_flight_descs = 0
+
+    def room(self, ndesc: int, nbytes: int) -> bool:
+        return (self.in_flight_descs + ndesc <= self.q.size and ndesc <= self.q.size
+                and self.q.next_free + nbytes + 64 * (ndesc + 1) <= self.end)
+
+    def post(self, readable: list[bytes], writable: list[int], indirect: bool) -> int | None:
+        ndesc = 1 if indirect else len(readable) + len(writable)
+        nbytes = sum(map(len, readable)) + sum(writable) + (16 * (len(readable) + len(writable)) if indirect else 0)
+        if ndesc == 0 or not self.room(ndesc, nbytes):
+            return None
+        head, addrs = self.q.add_buffers(readable, writable, indirect=indirect)
+        self.outstanding[head] = (ndesc, list(zip(addrs, writable)))
+        self.in_flight_descs += ndesc
+        return head
+
+    def used(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
+        """(head, length, writable buffers) for each returned chain."""
+        out = []
+        for head, length in self.q.used():
+            ndesc, writable = self.outstanding.pop(head)
+            self.in_flight_descs -= ndesc
+            out.append((head, length, writable))
+        if not self.outstanding:
+            self.q.next_free = self.q.data_start  # everything is back: reuse the area
+        return out
+
+
+def gather(mem: GuestMemory, regions: list[tuple[int, int]], length: int) -> bytes:
+    """The first `length` bytes of `regions`."""
+    out = bytearray()
+    for addr, n in regions:
+        take = min(n, length - len(out))
+        out += mem.read(addr, take)
+    return bytes(out)
