@@ -175,6 +175,8 @@ class Block(V.VirtioDevice):
             length = num_sectors << SECTOR_SHIFT
             segments.append((self._range(sector, length), length, flags))
         for offset, length, flags in segments:
+            if length == 0:
+                continue  # nothing to do (and fallocate refuses a zero length)
             if type_ == T_DISCARD:
                 if self.disk.sparse:
                     try:
