@@ -86,14 +86,15 @@ def _run(fdp, mem, block: B.Block, disk_size: int) -> None:
     handle, _ = guest.activate_sync(block, mem, Interrupt(None, None), [(0, drv.q.queue, None)])
     for _ in range(fdp.ConsumeIntInRange(1, 4)):
         header = _header(fdp, sectors)
-        type_, sector = B.HEADER.unpack(header)[::2] if len(header) == B.HEADER.size else (None, None)
         readable = [header]
-        if type_ in (B.T_DISCARD, B.T_WRITE_ZEROES) and fdp.ConsumeIntInRange(0, 3):
+        if len(header) == 16 and B.HEADER.unpack(header)[0] in (B.T_DISCARD, B.T_WRITE_ZEROES) and fdp.ConsumeIntInRange(0, 3):
             readable.append(_segments(fdp, sectors))
         else:
             readable += [fdp.ConsumeBytes(_length(fdp)) for _ in range(fdp.ConsumeIntInRange(0, 3))]
         writable = [_length(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))]
         writable.append(1 if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeIntInRange(0, 4))
+        stream = b"".join(readable)  # what the device reads: a header, then data
+        type_, sector = B.HEADER.unpack(stream[:16])[::2] if len(stream) >= 16 else (None, None)
         head = drv.post(readable, writable, fdp.ConsumeBool())
         if head is None:
             continue
@@ -111,14 +112,14 @@ def _run(fdp, mem, block: B.Block, disk_size: int) -> None:
             assert 1 <= length <= total_w, (length, total_w)
             status = guest.gather(mem, bufs, total_w)[-1]
             assert status in (B.S_OK, B.S_IOERR, B.S_UNSUPP), status
-            _check(block, type_, sector, readable, mem, bufs, total_w, status, before, after)
+            _check(block, type_, sector, stream[16:], mem, bufs, total_w, status, before, after)
 
 
 def _contents(block: B.Block) -> bytes:
     return os.pread(block.disk.fd, block.disk.size + 4096, 0)
 
 
-def _check(block, type_, sector, readable, mem, bufs, total_w, status, before, after) -> None:
+def _check(block, type_, sector, payload, mem, bufs, total_w, status, before, after) -> None:
     if status != B.S_OK:
         assert after == before, f"request {type_} failed with {status} but changed the disk"
         return
@@ -127,7 +128,6 @@ def _check(block, type_, sector, readable, mem, bufs, total_w, status, before, a
         assert type_ in (B.T_IN, B.T_GET_ID), f"request {type_} succeeded on a read-only disk"
     offset = sector * B.SECTOR_SIZE
     if type_ == B.T_OUT:
-        payload = b"".join(readable[1:])
         assert offset + len(payload) <= len(before), "write past the end succeeded"
         expect = before[:offset] + payload + before[offset + len(payload):]
         assert after == expect, "the write changed other bytes or wrote wrong data"
@@ -136,9 +136,8 @@ def _check(block, type_, sector, readable, mem, bufs, total_w, status, before, a
         assert got == before[offset:offset + len(got)] and offset + len(got) <= len(before)
         assert after == before
     elif type_ in (B.T_DISCARD, B.T_WRITE_ZEROES):
-        segs = b"".join(readable[1:])
         ranges = [(s * B.SECTOR_SIZE, n * B.SECTOR_SIZE)
-                  for s, n, _ in B.SEGMENT.iter_unpack(segs)]
+                  for s, n, _ in B.SEGMENT.iter_unpack(payload)]
         for off, n in ranges:
             assert off + n <= len(before), "a segment past the end succeeded"
             if type_ == B.T_WRITE_ZEROES:
