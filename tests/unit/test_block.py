@@ -171,6 +171,26 @@ def test_write_zeroes_with_unknown_flag_is_unsupported(mem, image):
     assert status == B.S_UNSUPP
 
 
+def test_write_zeroes_with_one_bad_segment_changes_nothing(mem, image):
+    # Found by fuzz/fuzz_block.py: the good first segment used to be zeroed before
+    # the second one was found past the end.
+    before = open(image, "rb").read()
+    blk = make_block(image)
+    status, _, _ = request(mem, blk, B.T_WRITE_ZEROES,
+                           data=segment(0, 1) + segment(DISK_SIZE // 512, 1))
+    assert (status, open(image, "rb").read() == before) == (B.S_IOERR, True)
+
+
+def test_write_zeroes_with_an_empty_unmap_segment_succeeds(mem, image):
+    # Found by fuzz/fuzz_block.py: fallocate(length 0) failed after the first segment
+    # had been punched, so the request reported IOERR having changed the disk.
+    blk = make_block(image)
+    status, _, _ = request(mem, blk, B.T_WRITE_ZEROES,
+                           data=segment(0, 1, B.WRITE_ZEROES_FLAG_UNMAP)
+                           + segment(2, 0, B.WRITE_ZEROES_FLAG_UNMAP))
+    assert (status, open(image, "rb").read()[:512]) == (B.S_OK, bytes(512))
+
+
 def test_config_reports_capacity_in_sectors(image):
     config = make_block(image, block_size=4096).config_bytes()
     capacity, = struct.unpack_from("<Q", config, 0)

@@ -246,6 +246,15 @@ def test_status_zero_resets_device(rng_pci):
         0, None, 0)
 
 
+def test_status_write_of_needs_reset_alone_does_not_reset(rng_pci):
+    # Found by fuzz/fuzz_virtio_pci.py: 0x40 was masked to 0 and taken as a reset.
+    negotiate(rng_pci)
+    setup_queue(rng_pci)
+    bar_write(rng_pci, 0x14, DRIVER_OK_STATUS, 1)
+    bar_write(rng_pci, 0x14, V.STATUS_NEEDS_RESET, 1)
+    assert (bar_read(rng_pci, 0x14, 1), rng_pci.activated) == (DRIVER_OK_STATUS, True)
+
+
 def test_queue_fields_frozen_after_driver_ok(rng_pci):
     negotiate(rng_pci)
     setup_queue(rng_pci)

@@ -116,22 +116,22 @@ class ChunkSink:
 
 def test_console_transmit_of_an_aliased_chain_is_streamed_in_bounded_pieces(mem):
     from crosvm.devices.virtio import console as C
-    from crosvm.devices.virtio.queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT,
-                                             VIRTQ_DESC_F_NEXT)
+    from crosvm.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
     out = ChunkSink()
     console = Console(out)
     rx, tx = QueueDriver(mem, base=0x10000), QueueDriver(mem, base=0x80000)
-    page = 0x300000
-    table = 0x100000  # MAX_QUEUE_SIZE descriptors, every one the same 4 KiB page
-    for i in range(MAX_QUEUE_SIZE):
-        more = VIRTQ_DESC_F_NEXT if i + 1 < MAX_QUEUE_SIZE else 0
-        tx.write_desc(i, page, 4096, more, i + 1, table=table)
-    tx.write_desc(0, table, 16 * MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, 0)
+    alias, alias_len = 0x300000, 0x10000
+    n = tx.size  # the longest chain allowed, every descriptor the same 64 KiB
+    table = 0x100000
+    for i in range(n):
+        more = VIRTQ_DESC_F_NEXT if i + 1 < n else 0
+        tx.write_desc(i, alias, alias_len, more, i + 1, table=table)
+    tx.write_desc(0, table, 16 * n, VIRTQ_DESC_F_INDIRECT, 0)
     tx.publish(0)
     line, rx_kick, tx_kick = Line(), Event(), Event()
     console.activate(mem, Interrupt(None, line), [(0, rx.queue, rx_kick), (1, tx.queue, tx_kick)])
     try:
         assert wait_signalled(line.trigger, 30.0)
-        assert (out.total, out.largest <= C.TRANSMIT_CHUNK) == (MAX_QUEUE_SIZE * 4096, True)
+        assert (out.total, out.largest <= C.TRANSMIT_CHUNK) == (n * alias_len, True)
     finally:
         console.close()

@@ -163,14 +163,20 @@ class Block(V.VirtioDevice):
         max_seg = MAX_DISCARD_SEG if type_ == T_DISCARD else MAX_WRITE_ZEROES_SEG
         if rest or count == 0 or count > max_seg:
             raise RequestError(S_IOERR, f"bad segment list ({reader.available_bytes()} bytes)")
-        segments = [reader.read_struct(SEGMENT.format) for _ in range(count)]
-        for sector, num_sectors, flags in segments:
+        segments = []
+        # Every segment is checked before any is applied: a request that fails leaves
+        # the disk as it was.
+        for sector, num_sectors, flags in (reader.read_struct(SEGMENT.format)
+                                           for _ in range(count)):
             if type_ == T_DISCARD and flags:
                 raise RequestError(S_UNSUPP, f"discard flags {flags:#x}")
             if type_ == T_WRITE_ZEROES and flags & ~WRITE_ZEROES_FLAG_UNMAP:
                 raise RequestError(S_UNSUPP, f"write-zeroes flags {flags:#x}")
-            offset = self._range(sector, num_sectors << SECTOR_SHIFT)
             length = num_sectors << SECTOR_SHIFT
+            segments.append((self._range(sector, length), length, flags))
+        for offset, length, flags in segments:
+            if length == 0:
+                continue  # nothing to do (and fallocate refuses a zero length)
             if type_ == T_DISCARD:
                 if self.disk.sparse:
                     try:

@@ -54,7 +54,12 @@ def _read_desc(mem: GuestMemory, table: int, index: int) -> tuple[int, int, int,
 
 def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
                 indirect_allowed: bool = True) -> DescriptorChain:
-    """Walk the chain starting at `head`, validating every descriptor."""
+    """Walk the chain starting at `head`, validating every descriptor.
+
+    A chain has at most `queue_size` buffer descriptors, those of an indirect table
+    included (virtio 1.x, 2.7.5.3.1): that bounds the walk (and catches loops) even when an indirect table is
+    far larger than the queue, so one kick cannot cost the worker seconds.
+    """
     chain = DescriptorChain(head)
     total = 0
     table, table_size = desc_table, queue_size
@@ -65,8 +70,9 @@ def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
         if index >= table_size:
             raise DescriptorError(f"descriptor index {index} out of range ({table_size})")
         seen += 1
-        if seen > table_size:
-            raise DescriptorError("descriptor chain is too long (loop?)")
+        if seen > queue_size:
+            raise DescriptorError(
+                f"descriptor chain is longer than the queue size {queue_size} (loop?)")
         addr, length, flags, next_index = _read_desc(mem, table, index)
         if flags & ~(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT):
             raise DescriptorError(f"unknown descriptor flags {flags:#x}")
@@ -80,7 +86,8 @@ def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
             if not mem.is_valid_range(addr, length):
                 raise DescriptorError(f"indirect table {addr:#x}+{length:#x} outside guest memory")
             table, table_size = addr, length // DESC_SIZE
-            index, seen, in_indirect = 0, 0, True
+            index, in_indirect = 0, True
+            seen -= 1  # the indirect descriptor itself carries no buffer
             continue
         if length == 0:
             raise DescriptorError("zero-length descriptor")

@@ -258,10 +258,13 @@ class VirtioPciDevice(PciDevice):
 
     # -- status state machine ---------------------------------------------------
     def _set_status(self, value: int) -> None:
-        value &= 0xFF & ~V.STATUS_NEEDS_RESET  # the device's bit, not the driver's
+        value &= 0xFF
         if value == 0:
             self._reset()
             return
+        # NEEDS_RESET is the device's bit, not the driver's: a write of it alone is not
+        # a reset request (it would clear every other bit, which is ignored below).
+        value &= ~V.STATUS_NEEDS_RESET
         if self.status & ~value:
             # Only a reset (0) may clear status bits (virtio 1.x, 2.1.1).
             _guest_log.warning("%s: driver tried to clear status bits (%#x -> %#x); ignored",
