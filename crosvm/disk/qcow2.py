@@ -84,7 +84,8 @@ class _Zstd:
     lib = None
 
     @classmethod
-    def decompress(cls, data: bytes, size: int) -> bytes:
+    def load(cls) -> None:
+        """Load libzstd now: a jailed device cannot find or open libraries later."""
         if cls.lib is None:
             name = ctypes.util.find_library("zstd")
             if name is None:
@@ -97,6 +98,10 @@ class _Zstd:
                                             ctypes.c_char_p, ctypes.c_size_t]
             lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
             cls.lib = lib
+
+    @classmethod
+    def decompress(cls, data: bytes, size: int) -> bytes:
+        cls.load()
         lib = cls.lib
         frame = lib.ZSTD_findFrameCompressedSize(data, len(data))
         if lib.ZSTD_isError(frame):
@@ -186,6 +191,8 @@ class Qcow2Disk(DiskFile):
         if nb_snapshots and not self.read_only:
             raise self._err("images with internal snapshots can only be opened read-only")
         self.file_end = (file_size + cs - 1) & ~(cs - 1)
+        if compression == COMPRESSION_ZSTD:
+            _Zstd.load()
 
         # L1 table.
         needed = -(-size // (cs * self.l2_entries))
@@ -750,3 +757,65 @@ class Qcow2Disk(DiskFile):
             self.sync()
             self.sync()   # the second one writes the refcounts the first one released
         self.close_files()
+
+
+def create_qcow2(path: str, size: int | None, backing_file: str | None = None,
+                 cluster_bits: int = 16) -> None:
+    """Write a new, empty version 3 qcow2 image (`crosvm create_qcow2`).
+
+    With a backing file and no size, the image is as large as the backing file. The
+    file must not exist yet."""
+    from crosvm.disk import detect_format, open_disk
+    cs = 1 << cluster_bits
+    backing_format = None
+    if backing_file is not None:
+        where = backing_file if os.path.isabs(backing_file) else \
+            os.path.join(os.path.dirname(path) or ".", backing_file)
+        backing = open_disk(where, read_only=True)
+        try:
+            if size is None:
+                size = backing.size
+            backing_format = "qcow2" if isinstance(backing, Qcow2Disk) else \
+                detect_format(os.pread(backing.fds()[0], 64, 0))
+        finally:
+            backing.close()
+        if backing_format not in ("raw", "qcow2"):
+            raise DiskError(f"backing file {backing_file}: {backing_format} images cannot "
+                            "be a qcow2 backing file")
+        if len(backing_file.encode()) > MAX_BACKING_NAME:
+            raise DiskError(f"backing file name is longer than {MAX_BACKING_NAME} bytes")
+    if size is None or size <= 0 or size > MAX_SIZE:
+        raise DiskError(f"invalid qcow2 image size {size}")
+    l1_size = -(-size // (cs * (cs // 8)))
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise DiskError(f"size {size} is too large for {cs}-byte clusters")
+    l1_clusters = max(1, -(-(l1_size * 8) // cs))
+    rt_offset, rb_offset, l1_offset = cs, 2 * cs, 3 * cs
+    header_length = 112
+    ext = b""
+    backing_offset = backing_size = 0
+    if backing_file is not None:
+        fmt = backing_format.encode()
+        ext = struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt.ljust(
+            (len(fmt) + 7) & ~7, b"\0")
+        ext += struct.pack(">II", EXT_END, 0)
+        backing_offset = header_length + len(ext)
+        backing_size = len(backing_file.encode())
+    header = HEADER_V2.pack(MAGIC, 3, backing_offset, backing_size, cluster_bits, size, 0,
+                            l1_size, l1_offset, rt_offset, 1, 0, 0)
+    header += HEADER_V3.pack(0, 0, 0, 4, header_length) + bytes(8)  # compression: deflate
+    header += ext + (backing_file.encode() if backing_file is not None else b"")
+    refblock = bytearray(cs)
+    for i in range(3 + l1_clusters):
+        refblock[i * 2:i * 2 + 2] = b"\x00\x01"
+    reftable = struct.pack(">Q", rb_offset).ljust(cs, b"\0")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise DiskError(f"cannot create {path}: {e.strerror}") from e
+    try:
+        pwrite_full(fd, header.ljust(cs, b"\0") + reftable + bytes(refblock), 0)
+        os.ftruncate(fd, l1_offset + l1_clusters * cs)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
