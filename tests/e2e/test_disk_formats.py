@@ -28,9 +28,10 @@ pytestmark = [pytest.mark.e2e,
                                  reason="needs qemu-utils and android-sdk-libsparse-utils")]
 
 MiB = 1 << 20
-TAIL_OFFSET = 12 * MiB   # raw guest writes past the 8 MiB file system on the fresh qcow2
+TAIL_OFFSET = 8 * MiB   # raw guest writes past the 4 MiB file system on the fresh qcow2
 TAIL_BYTES = 64 << 10
 PART_FILE = b"partition one\n" * 100
+SLOW = 900   # seconds for the guest's bulk copies when the host is shared and busy
 # The guest CPU is emulated (~1000x slower): images stay small and checksums are md5.
 
 
@@ -65,7 +66,7 @@ def images(tmp_path_factory):
     # vdc: a fresh qcow2 from create_qcow2 that the guest fills; vdd: the ext4 it copies.
     fresh = os.path.join(d, "fresh.qcow2")
     create_qcow2(fresh, 16 * MiB)
-    ext4 = make_ext4(os.path.join(d, "fs.ext4"), 8, files={"seed.txt": b"seed\n"})
+    ext4 = make_ext4(os.path.join(d, "fs.ext4"), 4, files={"seed.txt": b"seed\n"})
     # vde: a composite disk: an ext4 partition and a raw one.
     part1 = make_ext4(os.path.join(d, "part1.ext4"), 4, files={"file.txt": PART_FILE})
     part2 = os.path.join(d, "part2.raw")
@@ -133,10 +134,11 @@ def test_guest_sees_composite_partitions(vm, images):
 def test_guest_writes_ext4_and_raw_offsets_on_fresh_qcow2(vm, images):
     copy = vm.run("dd if=/dev/vdd of=/dev/vdc bs=1M conv=fsync 2>&1 && mount /dev/vdc /mnt"
                   " && echo written-in-guest > /mnt/guest.txt && mkdir /mnt/dir"
-                  " && cp /mnt/seed.txt /mnt/dir/ && umount /mnt && sync")
+                  " && cp /mnt/seed.txt /mnt/dir/ && umount /mnt && sync", timeout=SLOW)
     tail = vm.run(f"dd if=/dev/urandom of=/tmp/tail bs=4096 count={TAIL_BYTES // 4096}"
                   f" 2>/dev/null && dd if=/tmp/tail of=/dev/vdc bs=4096"
-                  f" seek={TAIL_OFFSET // 4096} conv=fsync 2>/dev/null && md5sum /tmp/tail")
+                  f" seek={TAIL_OFFSET // 4096} conv=fsync 2>/dev/null && md5sum /tmp/tail",
+                  timeout=SLOW)
 
     assert copy.returncode == 0, copy.stdout + copy.stderr
     assert tail.returncode == 0, tail.stderr
@@ -181,11 +183,11 @@ def test_sigkill_during_fsynced_writes_keeps_qcow2_consistent(kernel, initramfs,
         guest.send("i=0; while [ $i -lt 100000 ]; do echo record $i | dd of=/dev/vda bs=512"
                    f" seek=$((i*{RECORD_STEP})) conv=fsync,sync 2>/dev/null"
                    " && echo fsynced $i > /dev/ttyS0; i=$((i+1)); done")
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         done = []
         while time.monotonic() < deadline:
             done = [int(n) for n in re.findall(r"fsynced (\d+)", guest.console())]
-            if len(done) >= 15:
+            if len(done) >= 5:
                 break
             time.sleep(0.5)
         guest.proc.kill()   # SIGKILL, in the middle of the stream
@@ -200,7 +202,7 @@ def test_sigkill_during_fsynced_writes_keeps_qcow2_consistent(kernel, initramfs,
             f.seek(i * RECORD_STEP * 512)
             records[i] = f.read(32).split(b"\n")[0]
 
-    assert confirmed >= 14
+    assert confirmed >= 4
     assert check.returncode in (0, 3), check.stdout   # 3: leaked clusters only
     assert "ERROR" not in check.stdout and "corrupt" not in check.stdout.lower()
     assert all(records[i] == f"record {i}".encode() for i in range(confirmed + 1))
