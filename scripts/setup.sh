@@ -2,13 +2,15 @@
 # Installs what pycrosvm needs on a fresh Debian machine: busybox-static (the test
 # guest's userspace), e2fsprogs (mkfs.ext4/debugfs for the disk tests) and the package
 # itself with its test dependencies (atheris is the coverage-guided fuzzer tests/fuzz
-# runs); libseccomp2 compiles the devices' seccomp filters.
+# runs); libseccomp2 compiles the devices' seccomp filters;
+# qemu-utils (qemu-img/qemu-io), android-sdk-libsparse-utils (img2simg) and fdisk
+# (sfdisk) make and check the images of the disk-format tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The initramfs needs a static busybox (Debian's busybox-static puts it at /bin/busybox).
 missing=()
-for pkg in busybox-static e2fsprogs libseccomp2; do
+for pkg in busybox-static e2fsprogs libseccomp2 qemu-utils android-sdk-libsparse-utils fdisk; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

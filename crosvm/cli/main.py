@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from crosvm import __version__
+from crosvm.cli.disk_commands import cmd_create_composite, cmd_create_qcow2
 from crosvm.cli.config_file import ConfigFileError, build_config, load_cfg, merge, normalize
 from crosvm.cli.options import BY_LONG, BY_SHORT, run_help
 from crosvm.vmm.exit import ExitCode
@@ -17,6 +18,8 @@ USAGE = """Usage: crosvm [--log-level LEVEL] [--syslog-tag TAG] [--no-syslog] [-
 
 Commands:
   run       Start a new VM
+  create_composite  Create a composite disk: crosvm create_composite PATH LABEL:PARTITION...
+  create_qcow2      Create a qcow2 image: crosvm create_qcow2 PATH [SIZE] [--backing-file F]
   stop      Stop a VM: crosvm stop VM_SOCKET
   version   Show package version
 
@@ -164,7 +167,8 @@ def cmd_stop(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version}
+COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version,
+            "create_qcow2": cmd_create_qcow2, "create_composite": cmd_create_composite}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from crosvm.devices.serial_device import InputThread, SerialError, open_input, o
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.rng import Rng
-from crosvm.disk import DiskError, RawDisk
+from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
@@ -247,8 +247,9 @@ class Vm:
                             spawn=self._spawn_pci if self.jail is not None else None)
         self._closers.append(self.pci.close)
         for disk in cfg.disks:
-            raw = RawDisk(disk.path, read_only=disk.ro, direct=disk.direct, sparse=disk.sparse)
-            self.pci.add_virtio(Block(raw, disk.block_size,
+            image = open_disk(disk.path, read_only=disk.ro, direct=disk.direct,
+                              sparse=disk.sparse)
+            self.pci.add_virtio(Block(image, disk.block_size,
                                       disk.id.encode() if disk.id is not None else None))
         if not cfg.no_rng:
             self.pci.add_virtio(Rng())

@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.x, 5.2) over a raw image.
+"""virtio-blk (virtio 1.x, 5.2) over a disk image of any format (crosvm.disk).
 
 Requests: IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES. Every request is checked
 against the disk size and the limits advertised in config space before any I/O; a
@@ -14,7 +14,7 @@ from crosvm.base import Event
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, Writer
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
-from crosvm.disk import RawDisk
+from crosvm.disk import DiskFile
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,12 @@ class RequestError(Exception):
 
 
 class Block(V.VirtioDevice):
-    """A virtio block device backed by a `RawDisk`."""
+    """A virtio block device backed by a `DiskFile` (raw, qcow2, sparse, composite)."""
 
     device_type = V.TYPE_BLOCK
     seccomp_policy = "block_device"
 
-    def __init__(self, disk: RawDisk, block_size: int = SECTOR_SIZE, id: bytes | None = None,
+    def __init__(self, disk: DiskFile, block_size: int = SECTOR_SIZE, id: bytes | None = None,
                  queue_size: int = QUEUE_SIZE) -> None:
         if block_size < SECTOR_SIZE or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two >= 512")
@@ -73,7 +73,7 @@ class Block(V.VirtioDevice):
         return [self.queue_size]
 
     def keep_fds(self) -> list[int]:
-        return [self.disk.fd]
+        return self.disk.fds()
 
     def features(self) -> int:
         bits = V.BASE_FEATURES | 1 << F_SEG_MAX | 1 << F_BLK_SIZE
@@ -137,14 +137,13 @@ class Block(V.VirtioDevice):
             if length % SECTOR_SIZE:
                 raise RequestError(S_IOERR, f"read of {length} bytes is not sector-sized")
             offset = self._range(sector, length)
-            if writer.read_from_fd(disk.fd, length, offset) != length:
-                raise RequestError(S_IOERR, "short read from the image")
+            writer.consume(disk.read_vectored(offset, writer.views(length)))
         elif type_ == T_OUT:
             length = reader.available_bytes()
             if length % SECTOR_SIZE:
                 raise RequestError(S_IOERR, f"write of {length} bytes is not sector-sized")
             offset = self._range(sector, length)
-            reader.write_to_fd(disk.fd, length, offset)
+            reader.consume(disk.write_vectored(offset, reader.views(length)))
         elif type_ == T_FLUSH:
             disk.flush()
         elif type_ == T_GET_ID:
