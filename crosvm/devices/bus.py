@@ -32,45 +32,75 @@ class BusDevice:
 
 
 class Bus:
-    """A sorted set of non-overlapping (base, length, device) ranges."""
+    """A sorted set of non-overlapping (base, length, device) ranges.
+
+    Lookups run on every vCPU without a lock: they read one immutable snapshot, which
+    changes (a BAR the guest moves) are built beside and swapped in whole.
+    """
 
     def __init__(self) -> None:
-        self._bases: list[int] = []
-        self._entries: list[tuple[int, int, BusDevice]] = []
+        # (bases, entries): read together, replaced together.
+        self._table: tuple[tuple[int, ...], tuple[tuple[int, int, BusDevice], ...]] = ((), ())
         self._lock = threading.Lock()
 
-    def insert(self, device: BusDevice, base: int, length: int) -> None:
+    @staticmethod
+    def _check_free(entries: list[tuple[int, int, BusDevice]], device: BusDevice, base: int,
+                    length: int) -> int:
         if length <= 0:
             raise BusError(f"{device.debug_label()}: zero-length range at {base:#x}")
-        with self._lock:
-            i = bisect.bisect_left(self._bases, base)
-            if i > 0:
-                pbase, plen, pdev = self._entries[i - 1]
-                if pbase + plen > base:
-                    raise BusError(f"{device.debug_label()} at {base:#x} overlaps "
-                                   f"{pdev.debug_label()} at {pbase:#x}")
-            if i < len(self._entries) and base + length > self._entries[i][0]:
-                nbase, _, ndev = self._entries[i]
+        i = bisect.bisect_left([e[0] for e in entries], base)
+        if i > 0:
+            pbase, plen, pdev = entries[i - 1]
+            if pbase + plen > base:
                 raise BusError(f"{device.debug_label()} at {base:#x} overlaps "
-                               f"{ndev.debug_label()} at {nbase:#x}")
-            self._bases.insert(i, base)
-            self._entries.insert(i, (base, length, device))
+                               f"{pdev.debug_label()} at {pbase:#x}")
+        if i < len(entries) and base + length > entries[i][0]:
+            nbase, _, ndev = entries[i]
+            raise BusError(f"{device.debug_label()} at {base:#x} overlaps "
+                           f"{ndev.debug_label()} at {nbase:#x}")
+        return i
+
+    def _publish(self, entries: list[tuple[int, int, BusDevice]]) -> None:
+        self._table = (tuple(e[0] for e in entries), tuple(entries))
+
+    def insert(self, device: BusDevice, base: int, length: int) -> None:
+        with self._lock:
+            entries = list(self._table[1])
+            i = self._check_free(entries, device, base, length)
+            entries.insert(i, (base, length, device))
+            self._publish(entries)
+
+    def _index_of(self, entries: list[tuple[int, int, BusDevice]], base: int) -> int:
+        for i, entry in enumerate(entries):
+            if entry[0] == base:
+                return i
+        raise BusError(f"nothing on the bus at {base:#x}")
 
     def remove(self, base: int) -> BusDevice:
-        """Take out the range that starts at `base` (a BAR the guest moves)."""
+        """Take out the range that starts at `base`."""
         with self._lock:
-            i = bisect.bisect_left(self._bases, base)
-            if i == len(self._bases) or self._bases[i] != base:
-                raise BusError(f"nothing on the bus at {base:#x}")
-            del self._bases[i]
-            return self._entries.pop(i)[2]
+            entries = list(self._table[1])
+            device = entries.pop(self._index_of(entries, base))[2]
+            self._publish(entries)
+            return device
+
+    def move(self, old_base: int, new_base: int) -> None:
+        """Move the range at `old_base` to `new_base` in one step: every lookup sees it
+        either at the old place or at the new one (a BAR the guest reprograms)."""
+        with self._lock:
+            entries = list(self._table[1])
+            _, length, device = entries.pop(self._index_of(entries, old_base))
+            i = self._check_free(entries, device, new_base, length)
+            entries.insert(i, (new_base, length, device))
+            self._publish(entries)
 
     def get_device(self, addr: int) -> tuple[BusDevice, int] | None:
         """The device covering `addr` and the offset into its range, or None."""
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, entries = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i < 0:
             return None
-        base, length, device = self._entries[i]
+        base, length, device = entries[i]
         if addr < base + length:
             return device, addr - base
         return None
@@ -92,7 +122,7 @@ class Bus:
 
     def devices(self) -> list[BusDevice]:
         seen: list[BusDevice] = []
-        for _, _, dev in self._entries:
+        for _, _, dev in self._table[1]:
             if dev not in seen:
                 seen.append(dev)
         return seen

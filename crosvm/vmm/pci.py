@@ -16,7 +16,7 @@ from crosvm.devices.pci.config import BAR0_REG, COMMAND_MEMORY, NUM_BARS, PciBar
 from crosvm.devices.proxy import HostRequests
 from crosvm.devices.virtio.virtio_device import VirtioDevice
 from crosvm.devices.virtio.virtio_pci import VirtioPciDevice
-from crosvm.hypervisor.kvm import KvmVm
+from crosvm.hypervisor.kvm import KvmError, KvmVm
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class BarMapping:
 
     bar: PciBar
     region: PciBarRegion
-    address: int
+    address: int | None  # None: off the bus (decoding off, or nowhere valid to go)
     ioevents: list[tuple[Event, int]] = field(default_factory=list)  # (event, offset)
 
 
@@ -179,19 +179,26 @@ class PciSetup:
 
     # -- BARs the guest moves -----------------------------------------------------
     def _config_written(self, device: PciDevice, reg: int) -> None:
-        """After a write to the command register or a BAR: follow the guest's BARs.
+        """After a write to a command register or a BAR: map BARs where the guest has
+        them, as hardware decodes them.
 
-        Moves take effect while memory decoding is on (Linux turns it off while it
-        sizes or reprograms BARs, so half-written addresses are never mapped)."""
+        Called under the root's config-write lock. A BAR is on the bus while its
+        function's memory decoding is on, at the address in its register, if that range
+        lies in the root bridge's MMIO windows and is free; otherwise it is off the bus
+        (and retried at the next write: two BARs the guest swaps both land). Linux
+        turns decoding off while it sizes or reprograms BARs, so half-written addresses
+        are never mapped."""
         if reg != 1 and not BAR0_REG <= reg < BAR0_REG + NUM_BARS:
             return
-        maps = self._bar_maps.get(id(device))
-        if not maps or not device.config.command & COMMAND_MEMORY:
-            return
-        for m in maps:
-            new = device.config.bar_address(m.bar.index)
-            if new != m.address:
-                self._move_bar(device, m, new)
+        for target in self.root.devices.values():
+            maps = self._bar_maps.get(id(target))
+            if not maps:
+                continue
+            decoding = bool(target.config.command & COMMAND_MEMORY)
+            for m in maps:
+                want = target.config.bar_address(m.bar.index) if decoding else None
+                if want != m.address:
+                    self._remap(target, m, want)
 
     def _bar_window_ok(self, bar: PciBar, address: int) -> bool:
         """Only inside the MMIO windows the DSDT gives the root bridge."""
@@ -200,25 +207,38 @@ class PciSetup:
         high_ok = self.high.base <= address and end <= self.high.end
         return low_ok or (bar.type is BarType.MEM64 and high_ok)
 
-    def _move_bar(self, device: PciDevice, m: BarMapping, new: int) -> None:
+    def _remap(self, device: PciDevice, m: BarMapping, want: int | None) -> None:
         label = f"{device.debug_label()} BAR{m.bar.index}"
-        if not self._bar_window_ok(m.bar, new):
-            _guest_log.warning("%s: guest moved it to %#x, outside the PCI windows; it stays "
-                               "at %#x", label, new, m.address)
+        if want is not None and not self._bar_window_ok(m.bar, want):
+            _guest_log.warning("%s: guest put it at %#x, outside the PCI windows; not mapped",
+                               label, want)
+            want = None
+        if m.address is not None:
+            self.mmio_bus.remove(m.address)
+            self._set_ioevents(m.ioevents, m.address, register=False)
+            m.address = None
+        if want is None:
             return
-        self.mmio_bus.remove(m.address)
         try:
-            self.mmio_bus.insert(m.region, new, m.bar.size)
+            self.mmio_bus.insert(m.region, want, m.bar.size)
         except BusError as e:
-            self.mmio_bus.insert(m.region, m.address, m.bar.size)
-            _guest_log.warning("%s: cannot move to %#x (%s); it stays at %#x", label, new, e,
-                               m.address)
+            _guest_log.warning("%s: %#x is taken (%s); not mapped until it is free", label,
+                               want, e)
             return
-        for event, offset in m.ioevents:
-            self.vm.unregister_ioevent(event.fd, m.address + offset, 2, pio=False)
-            self.vm.register_ioevent(event.fd, new + offset, 2, pio=False)
-        log.info("%s moved by the guest: %#x -> %#x", label, m.address, new)
-        m.address = new
+        self._set_ioevents(m.ioevents, want, register=True)
+        _guest_log(logging.INFO, "%s mapped by the guest at %#x", label, want)
+        m.address = want
+
+    def _set_ioevents(self, ioevents: list[tuple[Event, int]], base: int,
+                      register: bool) -> None:
+        for event, offset in ioevents:
+            try:
+                if register:
+                    self.vm.register_ioevent(event.fd, base + offset, 2, pio=False)
+                else:
+                    self.vm.unregister_ioevent(event.fd, base + offset, 2, pio=False)
+            except KvmError as e:  # the access still reaches the device through the bus
+                _guest_log.warning("ioeventfd at %#x: %s", base + offset, e)
 
     def close(self) -> None:
         for device in self.devices:

@@ -7,6 +7,7 @@ register, as crosvm's does); `PciConfigMmio` is PCIe ECAM, 1 MiB per bus.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +53,8 @@ class PciRoot:
         # Called after every config write, with the device and the register written
         # (the VMM moves BARs the guest reprograms).
         self.on_config_write: Callable[[PciDevice, int], None] | None = None
+        # Config writes (and what follows them: shadow copies, BAR moves) one at a time.
+        self._write_lock = threading.Lock()
 
     def add_device(self, device: PciDevice, slot: int | None = None) -> PciAddress:
         """Put `device` in `slot`, or in the lowest free slot (stable for one command line)."""
@@ -77,9 +80,10 @@ class PciRoot:
                      data: bytes | memoryview) -> None:
         device = self.devices.get(PciAddress(bus, dev, func))
         if device is not None:
-            device.write_config_register(reg, offset, data)
-            if self.on_config_write is not None:
-                self.on_config_write(device, reg)
+            with self._write_lock:
+                device.write_config_register(reg, offset, data)
+                if self.on_config_write is not None:
+                    self.on_config_write(device, reg)
 
 
 CONFIG_ADDRESS_ENABLE = 1 << 31
