@@ -94,11 +94,11 @@ def one_input(data: bytes) -> None:
         while handle(C.TRANSMITQ):
             pass
         tx.used()
+        assert console._output.flush(5.0), "console output did not drain"
         assert (sink.total, sink.hash.digest()) == (expect_total, expect_out.digest()), \
             "host output differs from the transmitted chains"
     finally:
         console.close()
-        console.input_ready.close()  # one Console per VM normally; here one per input
 
 
 def _post_aliased(drv: guest.Driver, content: bytes, count: int) -> bool:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.bus import BusDevice
+from crosvm.devices.output_buffer import OutputBuffer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ INPUT_BUFFER_LIMIT = 4096
 # fits; the THR interrupt comes back once the writer has drained it to half.
 OUTPUT_BUFFER_LIMIT = 1 << 16
 TX_FIFO_SIZE = 16
-OUTPUT_CLOSE_TIMEOUT = 1.0
+POLLED_STALL_LIMIT = 0.1  # seconds
 
 
 class Interrupt(Protocol):
@@ -95,12 +96,8 @@ class Serial(BusDevice):
         self._space = threading.Condition(self._lock)
         self._in: collections.deque[int] = collections.deque()
         self._closed = False
-        self._out_buf = bytearray()
-        self._out_ready = threading.Condition(self._lock)
-        self._writer: threading.Thread | None = None  # started by the first output
+        self._output = OutputBuffer(out, label, OUTPUT_BUFFER_LIMIT, self._output_drained)
         self._tx_waiting = False  # the guest waits for THRE: interrupt when drained
-        self._writing = False
-        self._drained = threading.Condition(self._lock)
         self._dropped = 0
         self._drop_log = RateLimitedLog(log, burst=1, period=10.0)
         self.interrupt_enable = 0
@@ -131,62 +128,41 @@ class Serial(BusDevice):
         with self._lock:
             self._closed = True
             self._space.notify_all()
-            self._out_ready.notify_all()
-            writer = self._writer
-        if writer is not None:
-            writer.join(OUTPUT_CLOSE_TIMEOUT)
+        self._output.close()
 
-    def flush(self, timeout: float = OUTPUT_CLOSE_TIMEOUT) -> bool:
+    def flush(self, timeout: float = 1.0) -> bool:
         """Wait until buffered output has been written to the sink; False on timeout."""
-        with self._lock:
-            return self._drained.wait_for(lambda: not self._out_buf and not self._writing,
-                                          timeout)
+        return self._output.flush(timeout)
 
     # --- output ---
     def _tx_room_locked(self) -> bool:
-        return len(self._out_buf) + TX_FIFO_SIZE <= OUTPUT_BUFFER_LIMIT
+        """THRE: whether the guest may write another FIFO's worth.
+
+        A driver that waits for the THR interrupt sleeps while the host sink is
+        blocked: back-pressure, nothing lost. A driver that polls LSR with that
+        interrupt off (the kernel's console) would spin a vCPU on VM exits, so after
+        POLLED_STALL_LIMIT of a stalled sink it is told to go on, and what it writes
+        while the buffer is full is dropped and counted."""
+        if self._output.room() >= TX_FIFO_SIZE:
+            return True
+        return (not self.interrupt_enable & IER_THR_BIT
+                and self._output.stalled_for() > POLLED_STALL_LIMIT)
 
     def _queue_output_locked(self, value: int) -> None:
-        if len(self._out_buf) >= OUTPUT_BUFFER_LIMIT:
-            # The guest wrote although THRE was clear: a real UART would overrun too.
+        if not self._output.put(bytes([value])):
             self._dropped += 1
             self._drop_log.warning("%s: host output is not keeping up; %d bytes dropped so far",
                                    self._label, self._dropped)
-            return
-        self._out_buf.append(value)
-        if self._writer is None:
-            # Started here, not in __init__: a sandboxed UART is built before the fork
-            # and only the device process may own the thread.
-            self._writer = threading.Thread(target=self._write_loop, name=f"{self._label}_out",
-                                            daemon=True)
-            self._writer.start()
-        self._out_ready.notify()
         if self._tx_room_locked():
             self._thr_empty_locked()
         else:
             self._tx_waiting = True
 
-    def _write_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._out_buf and not self._closed:
-                    self._out_ready.wait()
-                if not self._out_buf:
-                    return
-                data = bytes(self._out_buf)
-                self._out_buf.clear()
-                self._writing = True
-            try:
-                if self._out is not None:
-                    self._out.write(data)  # may block: only this thread waits
-            finally:
-                with self._lock:
-                    self._writing = False
-                    self._drained.notify_all()
-            with self._lock:
-                if self._tx_waiting and len(self._out_buf) <= OUTPUT_BUFFER_LIMIT // 2:
-                    self._tx_waiting = False
-                    self._thr_empty_locked()
+    def _output_drained(self) -> None:
+        with self._lock:
+            if self._tx_waiting and self._output.buffered() <= OUTPUT_BUFFER_LIMIT // 2:
+                self._tx_waiting = False
+                self._thr_empty_locked()
 
     # --- interrupt logic ---
     def _trigger(self) -> None:

@@ -199,9 +199,16 @@ def fill_until_thre_clears(dev, limit=2 * S.OUTPUT_BUFFER_LIMIT):
     return written
 
 
+def interrupt_driven(out):
+    """A UART whose driver waits for the THR interrupt (the tty path, not the console)."""
+    dev = S.Serial(Irq(), out)
+    wr(dev, S.IER, S.IER_THR_BIT)
+    return dev
+
+
 def test_blocked_sink_does_not_block_guest_writes_and_clears_thre():
     out = BlockedOut()
-    dev = S.Serial(Irq(), out)
+    dev = interrupt_driven(out)
 
     written = fill_until_thre_clears(dev)
 
@@ -213,7 +220,7 @@ def test_blocked_sink_does_not_block_guest_writes_and_clears_thre():
 
 def test_output_held_by_a_blocked_sink_arrives_once_it_reads():
     out = BlockedOut()
-    dev = S.Serial(Irq(), out)
+    dev = interrupt_driven(out)
     written = fill_until_thre_clears(dev)
 
     out.release.set()
@@ -239,7 +246,7 @@ def test_thr_interrupt_returns_when_a_blocked_sink_drains():
 
 def test_byte_written_while_output_buffer_is_full_is_dropped():
     out = BlockedOut()
-    dev = S.Serial(Irq(), out)
+    dev = interrupt_driven(out)
     written = fill_until_thre_clears(dev)
     for _ in range(S.TX_FIFO_SIZE + 10):  # a driver that ignores THRE
         wr(dev, S.DATA, ord("y"))
@@ -260,3 +267,23 @@ def test_loopback_input_is_bounded():
         wr(dev, S.DATA, ord("z"))
 
     assert len(dev._in) == S.INPUT_BUFFER_LIMIT
+
+
+def test_polling_writer_is_released_after_a_stalled_sink_and_its_bytes_are_counted():
+    import time
+    out = BlockedOut()
+    dev = S.Serial(Irq(), out)   # THR interrupt off: the kernel console's busy-wait
+    wr(dev, S.DATA, ord("x"))    # the writer takes it and blocks in the sink
+    while dev._output.stalled_for() == 0:
+        time.sleep(0.001)
+    dev._output.put(bytes(S.OUTPUT_BUFFER_LIMIT))  # then the buffer fills
+    full = not rd(dev, S.LSR) & S.LSR_EMPTY_BIT
+
+    time.sleep(S.POLLED_STALL_LIMIT * 2)
+    released = bool(rd(dev, S.LSR) & S.LSR_EMPTY_BIT)
+    for _ in range(100):
+        wr(dev, S.DATA, ord("p"))
+
+    assert (full, released, dev._dropped) == (True, True, 100)
+    out.release.set()
+    dev.close()

@@ -137,13 +137,16 @@ class Block(V.VirtioDevice):
             if length % SECTOR_SIZE:
                 raise RequestError(S_IOERR, f"read of {length} bytes is not sector-sized")
             offset = self._range(sector, length)
-            writer.consume(disk.read_vectored(offset, writer.views(length)))
+            read = writer.transfer(length, lambda views, done: disk.read_vectored(offset + done,
+                                                                                 views))
+            if read != length:
+                raise RequestError(S_IOERR, "short read from the image")
         elif type_ == T_OUT:
             length = reader.available_bytes()
             if length % SECTOR_SIZE:
                 raise RequestError(S_IOERR, f"write of {length} bytes is not sector-sized")
             offset = self._range(sector, length)
-            reader.consume(disk.write_vectored(offset, reader.views(length)))
+            reader.transfer(length, lambda views, done: disk.write_vectored(offset + done, views))
         elif type_ == T_FLUSH:
             disk.flush()
         elif type_ == T_GET_ID:
@@ -199,5 +202,5 @@ class Block(V.VirtioDevice):
                                       lambda chain: self.process_chain(mem, chain)))
 
     def close(self) -> None:
-        self.reset()
+        super().close()
         self.disk.close()

@@ -1,8 +1,10 @@
 """virtio-console (virtio 1.x, 5.3): one port, the guest's hvc0.
 
-Output from the transmit queue goes to the same backends as the UART (`type=`);
-host input is buffered (bounded, never dropped: the input thread waits) and copied
-into the receive queue's buffers as the driver provides them.
+Output from the transmit queue goes to the same backends as the UART (`type=`)
+through a bounded buffer and a writer thread: a sink that blocks leaves transmit chains
+pending (the guest's hvc writes wait), never the worker. Host input is buffered
+(bounded, never dropped: the input thread waits) and copied into the receive queue's
+buffers as the driver provides them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import threading
 
 from crosvm.base import Event
 from crosvm.devices.virtio import virtio_device as V
-from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.output_buffer import OutputBuffer
+from crosvm.devices.virtio.descriptor_utils import (Reader, WorkerStopping, Writer,
+                                                    stop_requested)
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
 from crosvm.vm_memory import GuestMemory
 
@@ -32,6 +36,7 @@ class Console(V.VirtioDevice):
     def __init__(self, output=None, label: str = "console") -> None:
         self.output = output
         self.label = label
+        self._output = OutputBuffer(output, label)
         self._in: collections.deque[bytes] = collections.deque()
         self._in_len = 0
         self._lock = threading.Lock()
@@ -91,9 +96,8 @@ class Console(V.VirtioDevice):
             # page many times), and none of it is held in host memory at once.
             reader = Reader(mem, chain)
             while n := min(reader.available_bytes(), TRANSMIT_CHUNK):
-                data = reader.read(n)
-                if self.output is not None:
-                    self.output.write(data)
+                if not self._output.put_wait(reader.read(n), stop_requested):
+                    raise WorkerStopping()
             return 0
 
         def fill(chain: DescriptorChain) -> int:
@@ -120,4 +124,6 @@ class Console(V.VirtioDevice):
         with self._lock:
             self._closed = True
             self._space.notify_all()
-        self.reset()
+        super().close()
+        self._output.close()  # what the guest wrote reaches the sink (bounded wait)
+        self.input_ready.close()

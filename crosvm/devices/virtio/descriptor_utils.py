@@ -2,13 +2,43 @@
 
 They walk only the regions `parse_chain` validated, and move data between files and
 guest memory with `os.preadv`/`os.pwritev` on memoryviews of the guest mapping: no
-copy through Python objects.
+copy through Python objects. Large transfers go in pieces of at most `IO_CHUNK` bytes,
+and between pieces the worker's stop request is honoured (`WorkerStopping`), so a
+4 GiB request cannot hold up a reset.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
+from typing import Callable
+
+IO_CHUNK = 1 << 20
+IOV_MAX = 1024  # the kernel's limit on buffers per readv/writev
+
+_worker = threading.local()
+
+
+class WorkerStopping(Exception):
+    """The worker serving this request was asked to stop; the request is abandoned
+    (the driver is resetting the device)."""
+
+
+def set_stop_check(check: Callable[[], bool] | None) -> None:
+    """Installs, for the calling thread, what says a stop was requested."""
+    _worker.check = check
+
+
+def stop_requested() -> bool:
+    """Whether the worker running on this thread was asked to stop."""
+    check = getattr(_worker, "check", None)
+    return check is not None and check()
+
+
+def check_stop() -> None:
+    if stop_requested():
+        raise WorkerStopping()
 
 from crosvm.devices.virtio.queue import DescriptorChain
 from crosvm.vm_memory import GuestMemory
@@ -31,10 +61,11 @@ class _Regions:
         return self.remaining
 
     def views(self, count: int) -> list[memoryview]:
-        """memoryviews covering the next `count` bytes (not consumed yet)."""
+        """memoryviews covering the next `count` bytes (not consumed yet; at most
+        IOV_MAX of them, so they may cover less)."""
         out = []
         i, off = self.index, self.offset
-        while count > 0 and i < len(self.regions):
+        while count > 0 and i < len(self.regions) and len(out) < IOV_MAX:
             addr, n = self.regions[i]
             take = min(count, n - off)
             out.append(self.mem.slice(addr + off, take))
@@ -55,6 +86,19 @@ class _Regions:
             count -= take
             if self.offset == n:
                 self.index, self.offset = self.index + 1, 0
+
+    def transfer(self, count: int, io: Callable[[list[memoryview], int], int]) -> int:
+        """Move the next `count` bytes in pieces: `io(views, done)` moves as much of
+        `views` as it can and returns that; 0 means the end (a short read)."""
+        done = 0
+        while done < count:
+            check_stop()
+            n = io(self.views(min(count - done, IO_CHUNK)), done)
+            if n <= 0:
+                break
+            self.consume(n)
+            done += n
+        return done
 
     def split_end(self, count: int) -> list[tuple[int, int]]:
         """Remove the last `count` bytes from these regions and return them as regions."""
@@ -84,9 +128,14 @@ class Reader(_Regions):
         """Exactly `count` bytes, or ShortBuffer."""
         if count > self.available_bytes():
             raise ShortBuffer(f"read of {count} bytes, only {self.available_bytes()} available")
-        data = b"".join(bytes(v) for v in self.views(count))
-        self.consume(count)
-        return data
+        check_stop()
+        data = bytearray()
+        while len(data) < count:
+            views = self.views(count - len(data))
+            for view in views:
+                data += view
+            self.consume(sum(len(v) for v in views))
+        return bytes(data)
 
     def read_struct(self, fmt: str) -> tuple:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))
@@ -98,18 +147,14 @@ class Reader(_Regions):
         """Write the next `count` bytes to `fd` (at `offset`, or the file position)."""
         if count > self.available_bytes():
             raise ShortBuffer(f"write of {count} bytes, only {self.available_bytes()} available")
-        done = 0
-        while done < count:
-            views = self.views(count - done)
-            if offset is None:
-                n = os.writev(fd, views)
-            else:
-                n = os.pwritev(fd, views, offset + done)
+
+        def write(views: list[memoryview], done: int) -> int:
+            n = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset + done)
             if n <= 0:
                 raise OSError("short write")
-            self.consume(n)
-            done += n
-        return done
+            return n
+
+        return self.transfer(count, write)
 
 
 class Writer(_Regions):
@@ -123,24 +168,19 @@ class Writer(_Regions):
         if len(data) > self.available_bytes():
             raise ShortBuffer(f"write of {len(data)} bytes, only {self.available_bytes()} available")
         pos = 0
-        for view in self.views(len(data)):
-            view[:] = data[pos:pos + len(view)]
-            pos += len(view)
-        self.consume(len(data))
+        while pos < len(data):
+            views = self.views(len(data) - pos)
+            for view in views:
+                view[:] = data[pos:pos + len(view)]
+                pos += len(view)
+            self.consume(sum(len(v) for v in views))
 
     def read_from_fd(self, fd: int, count: int, offset: int | None) -> int:
         """Fill the next `count` bytes from `fd`; returns bytes read (short at EOF)."""
         if count > self.available_bytes():
             raise ShortBuffer(f"read of {count} bytes, only {self.available_bytes()} available")
-        done = 0
-        while done < count:
-            views = self.views(count - done)
-            n = os.readv(fd, views) if offset is None else os.preadv(fd, views, offset + done)
-            if n == 0:
-                break
-            self.consume(n)
-            done += n
-        return done
+        return self.transfer(count, lambda views, done: (
+            os.readv(fd, views) if offset is None else os.preadv(fd, views, offset + done)))
 
     def split_end_writer(self, count: int) -> "Writer":
         """A Writer for the last `count` bytes (a status byte, say), removed from this one."""

@@ -43,7 +43,7 @@ class Rng(V.VirtioDevice):
             lambda _: V.process_queue(mem, queue, interrupt, fill))
 
     def close(self) -> None:
-        self.reset()
+        super().close()
         if self.random_fd >= 0:
             os.close(self.random_fd)
             self.random_fd = -1

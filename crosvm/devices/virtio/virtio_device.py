@@ -18,10 +18,13 @@ from typing import Callable
 from crosvm.base import Event, IrqLevelEvent
 from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.pci.msix import NO_VECTOR, MsixConfig
+from crosvm.devices.virtio.descriptor_utils import WorkerStopping, set_stop_check
 from crosvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_chain_errors = RateLimitedLog(log)
+_needs_reset_log = RateLimitedLog(log)
 
 # Device types (virtio 1.x, 5).
 TYPE_NET = 1
@@ -82,7 +85,7 @@ class Interrupt:
 
     def signal_needs_reset(self, why: str) -> None:
         """The driver broke the protocol: the device stops and asks to be reset."""
-        log.error("virtio device needs reset: %s", why)
+        _needs_reset_log.error("virtio device needs reset: %s", why)
         if self.on_needs_reset is not None:
             self.on_needs_reset(why)
 
@@ -151,7 +154,12 @@ class VirtioDevice:
         return []
 
     def close(self) -> None:
-        self.reset()
+        """Stop for good (VM exit). A worker that will not stop is left to die with
+        the process: the exit must go on."""
+        try:
+            self.reset()
+        except WorkerStuck as e:
+            log.error("%s", e)
 
 
 STOP_TIMEOUT = 10.0  # how long a reset waits for a worker to hand its queues back
@@ -184,6 +192,7 @@ class QueueWorker:
                  handle: HandleFn,
                  extra: list[tuple[int, Callable[[], None]]] | None = None) -> None:
         self.kill = Event()
+        self._stopping = False  # read by long transfers between their pieces
         self.name = name
         self._interrupt = interrupt
         self._queue_events = queue_events
@@ -205,6 +214,7 @@ class QueueWorker:
         for fd in actions:
             ep.register(fd, select.EPOLLIN)
         ep.register(self.kill.fd, select.EPOLLIN)
+        set_stop_check(lambda: self._stopping)
         try:
             # Buffers made available before activation (or before we registered) count too.
             for index, event in self._queue_events:
@@ -216,6 +226,8 @@ class QueueWorker:
                     self._safe(actions[fd])
         except QueueError as e:
             self._interrupt.signal_needs_reset(str(e))
+        except WorkerStopping:
+            pass  # a request was abandoned half way: the driver is resetting the device
         finally:
             ep.close()
 
@@ -226,13 +238,14 @@ class QueueWorker:
     def _safe(self, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except QueueError:
+        except (QueueError, WorkerStopping):
             raise
         except Exception:  # a device bug must not take the VMM down; log and go on
             self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""
+        self._stopping = True
         self.kill.signal()
         if threading.current_thread() is self._thread:
             return
@@ -262,17 +275,26 @@ def process_queue(mem: GuestMemory, queue: Queue, interrupt: Interrupt,
     driver adds meanwhile is not left without a kick.
     """
     more = False
-    for _ in range(2 * queue.size if budget is None else budget):
-        if want is not None and not want():
-            break
-        chain = queue.pop(mem)
-        if chain is None:
-            queue.set_avail_event(mem)
-            if not queue.has_available(mem):
+    try:
+        for _ in range(2 * queue.size if budget is None else budget):
+            if want is not None and not want():
                 break
-            continue
-        queue.add_used(mem, chain.index, handle_chain(chain))
-    else:
-        more = queue.has_available(mem)
-    signal_used(mem, queue, interrupt)
+            chain = queue.pop(mem)
+            if chain is None:
+                queue.set_avail_event(mem)
+                if not queue.has_available(mem):
+                    break
+                continue
+            try:
+                written = handle_chain(chain)
+            except (QueueError, WorkerStopping):
+                raise
+            except Exception:  # a device bug fails this request, not the queue
+                _chain_errors.error("request failed:\n%s", traceback.format_exc())
+                written = 0
+            queue.add_used(mem, chain.index, written)
+        else:
+            more = queue.has_available(mem)
+    finally:
+        signal_used(mem, queue, interrupt)  # for what completed, whatever happens next
     return more
