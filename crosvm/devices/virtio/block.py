@@ -11,6 +11,7 @@ import logging
 import struct
 
 from crosvm.base import Event
+from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, Writer
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
@@ -18,6 +19,7 @@ from crosvm.disk import DiskFile
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
+_guest_log = RateLimitedLog(log)
 
 SECTOR_SHIFT = 9
 SECTOR_SIZE = 1 << SECTOR_SHIFT
@@ -104,19 +106,19 @@ class Block(V.VirtioDevice):
         try:
             status_writer = writer.split_end_writer(1)
         except ShortBuffer:
-            log.warning("block: request without a status byte")
+            _guest_log.warning("block: request without a status byte")
             return 0
         try:
             type_, _, sector = reader.read_struct(HEADER.format)
             status = self.execute(type_, sector, reader, writer)
         except ShortBuffer as e:
-            log.warning("block: malformed request: %s", e)
+            _guest_log.warning("block: malformed request: %s", e)
             status = S_IOERR
         except RequestError as e:
             log.debug("block: request failed: %s", e)
             status = e.status
         except OSError as e:
-            log.warning("block: I/O error on %s: %s", self.disk.path, e)
+            _guest_log.warning("block: I/O error on %s: %s", self.disk.path, e)
             status = S_IOERR
         status_writer.write(bytes([status]))
         return writer.bytes_written + 1

@@ -17,7 +17,7 @@ from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
-_bad_chain_log = RateLimitedLog(log)
+_guest_log = RateLimitedLog(log)
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -137,15 +137,16 @@ class QueueConfig:
         if not self.ready:
             return False
         if n == 0 or n > self.max_size or n & (n - 1):
-            log.warning("queue size %d is not a power of two <= %d", n, self.max_size)
+            _guest_log.warning("queue size %d is not a power of two <= %d", n,
+                                   self.max_size)
             return False
         extra = 2 if event_idx else 0
         for name, addr, length, align in (("descriptor table", self.desc_table, 16 * n, 16),
                                           ("available ring", self.avail_ring, 6 + 2 * n + extra, 2),
                                           ("used ring", self.used_ring, 6 + 8 * n + extra, 4)):
             if addr % align or not mem.is_valid_range(addr, length):
-                log.warning("virtqueue %s at %#x+%#x is misaligned or outside RAM",
-                            name, addr, length)
+                _guest_log.warning("virtqueue %s at %#x+%#x is misaligned or outside RAM",
+                                       name, addr, length)
                 return False
         return True
 
@@ -207,7 +208,7 @@ class Queue:
             try:
                 return parse_chain(mem, self.desc_table, self.size, head)
             except DescriptorError as e:
-                _bad_chain_log.warning("dropping bad descriptor chain (head %d): %s", head, e)
+                _guest_log.warning("dropping bad descriptor chain (head %d): %s", head, e)
                 self.add_used(mem, head, 0)
         return None
 

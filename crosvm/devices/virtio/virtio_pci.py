@@ -262,6 +262,8 @@ class VirtioPciDevice(PciDevice):
         if value == 0:
             self._reset()
             return
+        if value == self.status:
+            return  # nothing new (and no second try at a failed activation)
         # NEEDS_RESET is the device's bit, not the driver's: a write of it alone is not
         # a reset request (it would clear every other bit, which is ignored below).
         value &= ~V.STATUS_NEEDS_RESET
