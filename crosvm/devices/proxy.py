@@ -26,7 +26,7 @@ from typing import Callable
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.device import PciDevice
 from crosvm.jail import Jail, JailError, set_name
-from crosvm.jail.jail import PR_SET_PDEATHSIG, prctl
+from crosvm.jail.jail import PR_SET_PDEATHSIG, IdMapRequest, prctl
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class DeviceProcess:
                 raise JailError(f"{name}: the device has no seccomp policy")
             seccomp_filter = jail.filter_for(policy)  # compiled here, before the fork
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        id_map = IdMapRequest() if jail is not None and os.geteuid() == 0 else None
         pid = os.fork()
         if pid == 0:  # the device process
             status = 1
@@ -172,10 +173,11 @@ class DeviceProcess:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 # Ctrl-C on the terminal is for the VMM (exit 0), not a device crash.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2})
+                _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2}
+                                  | set(id_map.child_fds() if id_map is not None else ()))
                 set_name(name)
                 if jail is not None:
-                    jail.enter(seccomp_filter)
+                    jail.enter(seccomp_filter, id_map)
                 host.queued = []
                 if start is not None:
                     start()
@@ -186,6 +188,8 @@ class DeviceProcess:
             finally:
                 os._exit(status)
         child_sock.close()
+        if id_map is not None:
+            id_map.serve(pid)
         self.pid = pid
         self.sock = parent_sock
         # No timeout: a device that is slow (its host output blocks, say) is not dead.
@@ -195,21 +199,26 @@ class DeviceProcess:
         self.status: int | None = None  # wait status once reaped
 
     def call(self, op: int, index: int = 0, length: int = 0, offset: int = 0, extra: int = 0,
-             data: bytes | memoryview = b"") -> tuple[bytes, list[bytes]]:
-        """One request/reply round trip; returns (data, raw actions)."""
+             data: bytes | memoryview = b"",
+             on_actions: Callable[[list[bytes]], None] | None = None) -> bytes:
+        """One request/reply round trip; returns the reply's data. `on_actions` gets the
+        raw actions while the device is still locked, so two vCPUs' requests take
+        effect in the order the device answered them."""
         with self._lock:
             if self.dead:
                 raise DeviceDied(self.name)
             try:
                 self.sock.send(REQ.pack(op, index, length, offset, extra) + bytes(data))
-                reply = self.sock.recv(MAX_MSG)
-                return parse_reply(reply)
+                out, actions = parse_reply(self.sock.recv(MAX_MSG))
             except OSError as e:
                 self.dead = True
                 raise DeviceDied(f"{self.name}: {e}") from None
             except DeviceDied as e:
                 self.dead = True
                 raise DeviceDied(f"{self.name}: {e}") from None
+            if actions and on_actions is not None:
+                on_actions(actions)
+            return out
 
     def shutdown(self) -> None:
         """Ask the device to stop (it flushes and exits), and wake any vCPU still waiting
@@ -225,7 +234,9 @@ class DeviceProcess:
                 self._lock.release()
         self.dead = True
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            # Both ways: a vCPU still waiting for a reply gets EOF at once (the device
+            # has the request to stop already, and exits on its own).
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -288,17 +299,18 @@ class ProxyBase:
 
     def _call(self, op: int, **kw) -> bytes | None:
         try:
-            out, actions = self.proc.call(op, **kw)
+            return self.proc.call(op, on_actions=self._apply, **kw)
         except DeviceDied as e:
             self.on_death(str(e))
             return None
+
+    def _apply(self, actions: list[bytes]) -> None:
         for raw in actions:
             if raw[0] == 1:
                 _, vector, address, data = ACTION_ROUTE.unpack(raw)
                 self.host.set_msi_route(vector, address, data)
             else:
                 self.host.request_exit(raw[1])
-        return out
 
 
 def _fill(data: memoryview, out: bytes | None) -> None:

@@ -1,13 +1,14 @@
 """Jail a forked device process the way minijail does for crosvm.
 
-`Jail.enter()` runs in a freshly forked, single-threaded child. A VMM run as root first
-becomes an unused, unprivileged uid and gid (`JAIL_ID`), as crosvm's devices run as
-their own user; then the child unshares the user, PID, mount, IPC, UTS and network
-namespaces, maps its (unprivileged) user to root inside, forks once more so the device
-becomes PID 1 of its namespace, pivots into an empty directory mounted read-only, drops
-every capability, caps RLIMIT_NOFILE and RLIMIT_DATA (its heap: guest memory is a
-shared mapping and does not count), sets NO_NEW_PRIVS and, last, installs the device's
-seccomp filter (compiled in the VMM before the fork).
+`Jail.enter()` runs in a freshly forked, single-threaded child. It unshares the user,
+PID, mount, IPC, UTS and network namespaces; root inside is mapped to the invoking user,
+or, for a VMM run as root, to an unused, unprivileged uid and gid (`JAIL_ID`, mapped
+by the VMM from outside, as minijail does), so a device never runs as the host's root.
+It forks once more so the device becomes PID 1 of its namespace, pivots into an empty
+directory mounted read-only, becomes root of its namespace, drops every capability,
+caps RLIMIT_NOFILE, RLIMIT_DATA (its heap: guest memory is a shared mapping and does
+not count) and RLIMIT_CORE (0), becomes non-dumpable, sets NO_NEW_PRIVS and, last,
+installs the device's seccomp filter (compiled in the VMM before the fork).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
 MS_REMOUNT = 32
+# statvfs f_flag bit -> the mount flag that keeps it (MS_NOSUID, NODEV, NOEXEC, atime).
+_LOCKED_MOUNT_FLAGS = ((2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048), (4096, 1 << 21))
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -79,26 +82,13 @@ def set_name(name: str) -> None:
 
 
 def ensure_pivot_root(path: str) -> None:
-    """Create the empty pivot directory if missing; a clear error if that fails, or if
-    the devices' unprivileged user could not reach it."""
+    """Create the empty pivot directory if missing; a clear error if that fails."""
     if not os.path.isdir(path):
         try:
             os.makedirs(path, mode=0o755, exist_ok=True)
         except OSError as e:
             raise JailError(f"cannot create the sandbox's pivot root {path}: "
                             f"{e.strerror} (use --pivot-root DIR)") from e
-    if os.geteuid() == 0:
-        # Device processes of a root VMM mount it as JAIL_ID: "other" must be able to
-        # search every directory on the way.
-        walk = os.path.abspath(path)
-        while True:
-            if not os.stat(walk).st_mode & 0o001:
-                raise JailError(f"the sandbox's pivot root {path} is not reachable by the "
-                                f"device user (uid {JAIL_ID}): {walk} is not searchable by "
-                                f"others (chmod o+x, or use --pivot-root DIR)")
-            if walk == "/":
-                break
-            walk = os.path.dirname(walk)
 
 
 def _last_cap() -> int:
@@ -107,6 +97,50 @@ def _last_cap() -> int:
             return int(f.read())
     except OSError:
         return 40
+
+
+class IdMapRequest:
+    """A root VMM maps a device's user namespace from outside: writing an id other
+    than one's own into uid_map takes CAP_SETUID in the parent namespace, which the
+    device loses when it unshares. Two pipes: the device asks, the VMM answers."""
+
+    def __init__(self) -> None:
+        self._ask_r, self._ask_w = os.pipe2(os.O_CLOEXEC)
+        self._done_r, self._done_w = os.pipe2(os.O_CLOEXEC)
+
+    def child_fds(self) -> list[int]:
+        """The ends the device process keeps."""
+        return [self._ask_w, self._done_r]
+
+    def request(self) -> None:
+        """In the device, right after unshare: wait until the VMM has mapped it."""
+        os.write(self._ask_w, b"?")
+        if os.read(self._done_r, 1) != b"k":
+            raise JailError("the VMM could not map the device's user namespace")
+        os.close(self._ask_w)
+        os.close(self._done_r)
+
+    def serve(self, pid: int) -> None:
+        """In the VMM, after the fork: map `pid`'s namespace when it asks."""
+        os.close(self._ask_w)
+        os.close(self._done_r)
+        try:
+            if os.read(self._ask_r, 1) != b"?":
+                return  # the device died before it asked; its end is reported elsewhere
+            try:
+                with open(f"/proc/{pid}/uid_map", "w") as f:
+                    f.write(f"0 {JAIL_ID} 1\n")
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny")
+                with open(f"/proc/{pid}/gid_map", "w") as f:
+                    f.write(f"0 {JAIL_ID} 1\n")
+                answer = b"k"
+            except OSError:
+                answer = b"!"
+            os.write(self._done_w, answer)
+        finally:
+            os.close(self._ask_r)
+            os.close(self._done_w)
 
 
 @dataclass
@@ -136,21 +170,34 @@ class Jail:
                 raise JailError(f"seccomp policy {policy}: {e}") from None
         return self._filters[policy]
 
-    def enter(self, seccomp_filter: bytes | None = None) -> None:
+    def enter(self, seccomp_filter: bytes | None = None,
+              id_map: "IdMapRequest | None" = None) -> None:
         """Jail the calling process. Returns in the jailed grandchild only; the
-        intermediate process waits for it and exits with its status."""
+        intermediate process waits for it and exits with its status.
+
+        With `id_map` (a root VMM), the VMM maps the new user namespace from outside,
+        root inside to JAIL_ID outside, as minijail does; the mounts are made before the
+        process becomes that identity. Without it, the caller's own uid is mapped to
+        root inside (a VMM run by a user)."""
         last_cap = _last_cap()  # /proc is gone after pivot_root
-        if os.geteuid() == 0:
-            self._drop_root()
+        if id_map is not None:
+            os.setgroups([])  # setgroups is denied inside: drop root's groups now
         uid, gid = os.getuid(), os.getgid()
         _check("unshare", _libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
                                         | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET))
-        self._map_ids(uid, gid)
+        if id_map is not None:
+            id_map.request()
+        else:
+            self._map_ids(uid, gid)
         pid = os.fork()
         if pid != 0:
+            if id_map is not None:
+                self._become_mapped_root()
             self._reap(pid)  # never returns
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         self._pivot()
+        if id_map is not None:
+            self._become_mapped_root()
         for cap in range(last_cap + 1):
             prctl(PR_CAPBSET_DROP, cap)
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
@@ -159,6 +206,8 @@ class Jail:
         _check("capset", _libc.syscall(SYS_CAPSET, header, data))
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
         resource.setrlimit(resource.RLIMIT_DATA, (self.max_data_bytes, self.max_data_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core would hold guest RAM
+        prctl(PR_SET_DUMPABLE, 0)
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         if seccomp_filter is not None:
             try:
@@ -167,17 +216,11 @@ class Jail:
                 raise JailError(str(e)) from None
 
     @staticmethod
-    def _drop_root() -> None:
-        """Become JAIL_ID before unsharing, so root outside is never mapped inside."""
-        os.setgroups([])
-        os.setresgid(JAIL_ID, JAIL_ID, JAIL_ID)
-        os.setresuid(JAIL_ID, JAIL_ID, JAIL_ID)
-        # Changing credentials clears both: /proc/self/uid_map must stay writable, and
-        # the process must still die with the VMM.
-        prctl(PR_SET_DUMPABLE, 1)
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:
-            os._exit(1)  # the VMM died before the signal was armed again
+    def _become_mapped_root() -> None:
+        """Root inside the namespace, which is JAIL_ID outside: no longer the host's root."""
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a credential change clears it
 
     @staticmethod
     def _map_ids(uid: int, gid: int) -> None:
@@ -214,5 +257,8 @@ class Jail:
         _check("pivot_root", _libc.syscall(SYS_PIVOT_ROOT, b".", b"."))
         _check("umount old root", _libc.umount2(b".", MNT_DETACH))
         os.chdir("/")
-        _check("remount / read-only",
-               _libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None))
+        # A remount in a user namespace must keep the flags it inherited (nosuid, ...).
+        inherited = os.statvfs("/").f_flag
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | sum(
+            ms for st, ms in _LOCKED_MOUNT_FLAGS if inherited & st)
+        _check("remount / read-only", _libc.mount(None, b"/", None, flags, None))

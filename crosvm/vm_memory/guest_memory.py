@@ -61,6 +61,7 @@ class GuestMemory:
                 raise GuestMemoryError(f"region {addr:#x}+{size:#x} is not page-aligned")
             mapping = mmap.mmap(self.memfd, size, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            mapping.madvise(mmap.MADV_DONTDUMP)  # a VMM core dump must not hold guest RAM
             self.regions.append(MemoryRegion(addr, size, offset, mapping))
             offset += size
 

@@ -58,11 +58,17 @@ def _ptrace() -> None:
         raise OSError(ctypes.get_errno(), "ptrace")
 
 
+def _shared_memory() -> None:
+    import mmap
+    mmap.mmap(-1, 1 << 30, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS).close()
+
+
 PROBES: dict[int, Callable[[], None]] = {
     1: _open_host_file,
     2: _create_socket,
     3: _execve,
     4: _ptrace,
+    5: _shared_memory,  # memory RLIMIT_DATA would not count
 }
 
 

@@ -87,3 +87,59 @@ def test_dead_device_reports_death_and_reads_float():
     proxy.read(7, 0x3F8, data)
     status = proc.reap()
     assert (len(deaths), bytes(data), os.waitstatus_to_exitcode(status)) == (1, b"\xff", 3)
+
+
+def test_parse_reply_returns_data_and_actions():
+    from crosvm.devices.proxy import ACTION_ROUTE, REPLY, parse_reply
+    reply = REPLY.pack(0, 1) + bytes([2]) + b"ab" + ACTION_ROUTE.pack(1, 3, 0xFEE0_0000, 7)
+
+    out, actions = parse_reply(reply)
+
+    assert (out, len(actions)) == (b"ab", 1)
+
+
+def test_parse_reply_rejects_what_a_compromised_child_might_send():
+    import pytest as _pytest
+    from crosvm.devices.proxy import ACTION_ROUTE, REPLY, DeviceDied, parse_reply
+    bad = {
+        "short": b"\x00",
+        "bad status": REPLY.pack(1, 0) + b"\x00",
+        "data past the end": REPLY.pack(0, 0) + bytes([9]) + b"ab",
+        "unknown action kind": REPLY.pack(0, 1) + b"\x00" + b"\x07" * ACTION_ROUTE.size,
+        "truncated action": REPLY.pack(0, 1) + b"\x00" + ACTION_ROUTE.pack(1, 0, 0, 0)[:5],
+        "trailing bytes": REPLY.pack(0, 0) + b"\x00" + b"junk",
+    }
+    rejected = []
+    for name, reply in bad.items():
+        with _pytest.raises(DeviceDied):
+            parse_reply(reply)
+        rejected.append(name)
+
+    assert rejected == list(bad)
+
+
+class Stuck(BusDevice):
+    """A device whose reads never finish (its host sink is blocked, say)."""
+
+    def read(self, offset, address, data):
+        import time
+        time.sleep(60)
+
+
+def test_shutdown_wakes_a_vcpu_waiting_on_a_stuck_device():
+    import threading
+    proc, host = spawn(Stuck())
+    deaths = []
+    proxy = BusProxy(proc, "stuck", host, deaths.append)
+    vcpu = threading.Thread(target=proxy.read, args=(0, 0x3F8, memoryview(bytearray(1))))
+    vcpu.start()
+    import time
+    time.sleep(0.3)   # the request is in flight
+
+    proc.shutdown()
+    vcpu.join(5.0)
+
+    assert not vcpu.is_alive()
+    assert len(deaths) == 1
+    proc.reap(0.5)
+    proc.close()

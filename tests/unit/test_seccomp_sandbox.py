@@ -14,10 +14,9 @@ import pytest
 from crosvm.devices.proxy import DeviceProcess, HostRequests, PciProxy, describe_status
 from tests.support.sandbox_probe import NOT_RUN, PROBE_REG, RESULT_REG, SandboxProbe
 from crosvm.jail import Jail, ensure_pivot_root
-from tests.unit.jail_dirs import reachable_empty_dir
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 
-OPEN_HOST_FILE, CREATE_SOCKET, EXECVE, PTRACE = 1, 2, 3, 4
+OPEN_HOST_FILE, CREATE_SOCKET, EXECVE, PTRACE, SHARED_MEMORY = 1, 2, 3, 4, 5
 SIGSYS_EXIT = 128 + signal.SIGSYS  # the jail's reaper mirrors the device's death
 
 
@@ -49,7 +48,7 @@ class Probe:
 
 @pytest.fixture
 def jail(tmp_path):
-    root = reachable_empty_dir()
+    root = str(tmp_path / "empty")
     ensure_pivot_root(root)
     if not os.path.exists("/proc/self/ns/user"):
         pytest.skip("no user namespaces")
@@ -72,8 +71,8 @@ def test_unjailed_device_can_open_a_host_path():
     probe.exit_code()
 
 
-@pytest.mark.parametrize("which", [CREATE_SOCKET, EXECVE, PTRACE],
-                         ids=["socket", "execve", "ptrace"])
+@pytest.mark.parametrize("which", [CREATE_SOCKET, EXECVE, PTRACE, SHARED_MEMORY],
+                         ids=["socket", "execve", "ptrace", "shared-memory"])
 def test_syscall_outside_policy_kills_the_device_with_sigsys(jail, which):
     probe = Probe(jail)
 
