@@ -8,6 +8,8 @@ import errno
 import fcntl
 import os
 
+from crosvm.base.hostfile import REGULAR_OR_BLOCK, HostFileError, open_host_file
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
@@ -35,13 +37,13 @@ class RawDisk:
 
     def __init__(self, path: str, read_only: bool = False, direct: bool = False,
                  sparse: bool = True) -> None:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        flags = os.O_RDONLY if read_only else os.O_RDWR
         if direct:
             flags |= os.O_DIRECT
-        try:
-            self.fd = os.open(path, flags)
-        except OSError as e:
-            raise DiskError(f"failed to open disk image {path}: {e.strerror}") from e
+        try:  # a regular file or a block device; a FIFO or directory is named as such
+            self.fd = open_host_file(path, "disk image", flags, REGULAR_OR_BLOCK)
+        except HostFileError as e:
+            raise DiskError(str(e)) from None
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:

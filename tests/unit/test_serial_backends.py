@@ -70,7 +70,7 @@ def test_input_file_is_opened_for_reading(tmp_path):
 
 
 def test_missing_input_file_is_clear_error(tmp_path):
-    with pytest.raises(SerialError, match="failed to open input"):
+    with pytest.raises(SerialError, match="failed to open serial1 input"):
         open_input(SerialParameters(input=str(tmp_path / "absent")), None)
 
 
