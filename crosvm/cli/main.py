@@ -41,10 +41,25 @@ class UsageError(Exception):
     """Bad arguments: printed as one line, exit 35."""
 
 
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters escaped: a message that quotes
+    user input (a file name, an option value) stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each, whatever their message quotes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
 def setup_logging(spec: str) -> None:
     """`info` or `debug,vcpu=off,serial=trace` style, as crosvm's --log-level."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
+    handler.setFormatter(OneLineFormatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
     root = logging.getLogger("crosvm")
     root.handlers[:] = [handler]
     root.propagate = False
@@ -146,7 +161,12 @@ def cmd_run(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         write_stdout(run_help())
         return 0
-    cfg = config_from_args(args)
+    return start_vm(config_from_args(args))
+
+
+def start_vm(cfg: Config) -> int:
+    """Builds and runs the VM; its exit code. (The fuzz targets replace this: they
+    drive `crosvm run` up to, not including, building a VM.)"""
     with stop_signals_raise():  # until the VM installs its own handlers
         from crosvm.vmm.run import run_config  # heavy imports only when running a VM
         return int(run_config(cfg))
@@ -240,7 +260,7 @@ def _fail(message: str, code: ExitCode) -> int:
     if not message:
         return int(code)
     try:
-        print(f"crosvm: {message}", file=sys.stderr, flush=True)
+        print(f"crosvm: {one_line(message)}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass  # stderr is gone too: the exit code is all that is left
     return int(code)

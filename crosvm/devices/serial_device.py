@@ -10,7 +10,7 @@ import threading
 import time
 
 from crosvm.base.hostfile import SERIAL_INPUT, SERIAL_OUTPUT, HostFileError, open_host_file
-from crosvm.config import SerialParameters
+from crosvm.config import ConfigError, SerialParameters
 
 log = logging.getLogger("crosvm.serial")
 
@@ -45,6 +45,11 @@ class OutputErrors:
 
 class SerialError(Exception):
     """A serial backend could not be opened."""
+
+
+class SerialPathError(SerialError, ConfigError):
+    """A serial path= or input= file is missing or of the wrong kind: a bad argument
+    (exit 35, like a bad kernel or disk path), not a failure of the host."""
 
 
 class FdOutput:
@@ -172,7 +177,7 @@ def open_output(params: SerialParameters) -> object | None:
             fd = open_host_file(params.path, f"{name} output",
                                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, SERIAL_OUTPUT)
         except HostFileError as e:
-            raise SerialError(f"serial: {e}") from None
+            raise SerialPathError(f"serial: {e}") from None
         return FdOutput(fd, owned=True, timestamp=params.out_timestamp, name=name)
     if t == "syslog":
         return SyslogOutput(f"serial{params.num}")
@@ -192,7 +197,7 @@ def open_input(params: SerialParameters, output: object | None) -> int | None:
             return open_host_file(params.input, f"serial{params.num} input", os.O_RDONLY,
                                   SERIAL_INPUT, blocking=False)
         except HostFileError as e:
-            raise SerialError(f"serial: {e}") from None
+            raise SerialPathError(f"serial: {e}") from None
     if isinstance(output, UnixOutput):
         return output.fileno()
     return None

@@ -138,6 +138,7 @@ class ControlServer:
                 except Exception as e:  # noqa: BLE001 - the server must outlive any bug
                     log.error("control socket: unexpected error: %s: %s",
                               type(e).__name__, e)
+                    time.sleep(0.1)  # a bug that repeats must not become a busy loop
         finally:
             for fd in list(self._clients):
                 self._drop(poller, fd)
@@ -177,12 +178,15 @@ class ControlServer:
                 oldest = min(self._clients, key=lambda fd: self._clients[fd].deadline)
                 log.warning("control socket: more than %d clients; dropped the oldest",
                             MAX_CLIENTS)
+                self._read(poller, oldest, 0)  # a request it already sent is answered
                 self._drop(poller, oldest)
             self._clients[conn.fileno()] = _Client(conn, time.monotonic() + CLIENT_TIMEOUT)
             poller.register(conn, select.POLLIN)
 
     def _read(self, poller: select.poll, fd: int, events: int) -> None:
-        client = self._clients[fd]
+        client = self._clients.get(fd)
+        if client is None:
+            return
         try:
             raw, _, flags, _ = client.sock.recvmsg(MAX_MESSAGE)
         except (BlockingIOError, InterruptedError):
