@@ -105,18 +105,19 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_cfg(path: str, _state: dict | None = None,
+def load_cfg(path: str, budget: dict | None = None,
              _stack: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load one JSON config file with its `cfg` includes applied first.
 
     Each file must be a regular file of at most MAX_CFG_BYTES, nesting at most
-    MAX_JSON_DEPTH deep; includes nest at most MAX_CFG_DEPTH deep and one --cfg loads
-    at most MAX_CFG_FILES files (a file that includes another eight times, eight
-    levels down, is 16 million loads)."""
-    state = {"files": 0} if _state is None else _state
-    state["files"] += 1
+    MAX_JSON_DEPTH deep; includes nest at most MAX_CFG_DEPTH deep, and at most
+    MAX_CFG_FILES files are loaded in all (a file that includes another eight times,
+    eight levels down, is 16 million loads). Pass the same `budget` dict to every
+    call of one command line."""
+    state = {} if budget is None else budget
+    state["files"] = state.get("files", 0) + 1
     if state["files"] > MAX_CFG_FILES:
-        raise ConfigFileError(f"{path}: more than {MAX_CFG_FILES} config files included")
+        raise ConfigFileError(f"{path}: more than {MAX_CFG_FILES} config files to load")
     real = os.path.realpath(path)
     if real in _stack:
         raise ConfigFileError(f"{path}: config files include each other in a loop")

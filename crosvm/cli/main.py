@@ -145,9 +145,10 @@ def config_from_args(args: list[str]) -> Config:
     without touching the host; raises UsageError."""
     values, cfg_files = parse_run_args(args)
     merged: dict[str, Any] = {}
+    budget: dict = {}  # one file budget for all --cfg options together
     try:
         for path in cfg_files:
-            merged = merge(merged, load_cfg(path))
+            merged = merge(merged, load_cfg(path, budget))
         cfg = build_config(merge(merged, values))
         if not cfg.kernel:
             raise UsageError("a kernel image is required: crosvm run [OPTIONS] KERNEL")

@@ -14,6 +14,7 @@ from crosvm.config import ConfigError, SerialParameters
 
 log = logging.getLogger("crosvm.serial")
 
+SYSLOG_LINE_MAX = 1024  # longer lines are sent in pieces
 ERROR_REPORT_INTERVAL = 60.0  # seconds between reports of a sink that keeps failing
 
 
@@ -101,6 +102,7 @@ class SyslogOutput:
     def __init__(self, tag: str, path: str = "/dev/log") -> None:
         self._buf = bytearray()
         self._tag = tag
+        self.errors = OutputErrors(tag)
         self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.connect(path)
@@ -112,14 +114,17 @@ class SyslogOutput:
 
     def write(self, data: bytes) -> None:
         self._buf += data
+        if len(self._buf) > SYSLOG_LINE_MAX and b"\n" not in self._buf:
+            self._buf += b"\n"  # a guest that never ends its line must not grow this
         while b"\n" in self._buf:
             line, _, rest = self._buf.partition(b"\n")
             text = f"{self._tag}: {line.decode(errors='replace')}"
             if self.sock is not None:
+                message = f"<{syslog.LOG_USER | syslog.LOG_INFO}>{text}".encode(errors="replace")
                 try:
-                    self.sock.send(f"<{syslog.LOG_USER | syslog.LOG_INFO}>{text}".encode())
-                except OSError:
-                    pass
+                    self.sock.send(message)
+                except OSError as e:  # the daemon went away or is flooded
+                    self.errors.failed(e, len(line) + 1)
             else:
                 try:
                     os.write(2, text.encode(errors="replace") + b"\n")

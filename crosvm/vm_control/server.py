@@ -36,6 +36,8 @@ CLIENT_TIMEOUT = 5.0    # seconds a connection may stay open without sending a r
 
 # A unit variant ("Exit") calls its handler with no argument; any other variant
 # ({"Name": payload}) calls it with the payload. The return value is the response.
+# Handlers run on the server thread and must not block (start the work, answer at
+# once): a handler that waits holds up every other client, `stop` included.
 Handler = Callable[..., object]
 
 

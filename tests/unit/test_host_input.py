@@ -171,7 +171,7 @@ def test_cfg_includes_that_fan_out_are_bounded(tmp_path):
         below = "leaf.json" if level == 0 else f"l{level - 1}.json"
         (tmp_path / f"l{level}.json").write_text(json.dumps({"cfg": [below] * 8}))
 
-    with pytest.raises(ConfigFileError, match="more than .* config files"):
+    with pytest.raises(ConfigFileError, match="more than .* config files to load"):
         bounded(load_cfg, str(tmp_path / "l5.json"))
 
 
@@ -423,3 +423,13 @@ def test_serial_path_error_is_a_bad_argument_not_a_host_failure(tmp_path):
 
     with pytest.raises(ConfigError):
         open_output(SerialParameters(type="file", path=str(tmp_path / "no" / "dir")))
+
+
+def test_many_cfg_options_share_one_file_budget(tmp_path, capsys):
+    f = tmp_path / "vm.json"
+    f.write_text("{}")
+
+    code, err = run_cli(capsys, *["--cfg", str(f)] * 100, "k")
+
+    assert code == 35
+    assert len(err) == 1 and "config files to load" in err[0]
