@@ -7,15 +7,19 @@ overwritten, lists are extended; the command line is applied last.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from crosvm.base import boundedjson
+from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
 from crosvm.config import Config, DiskOption, SerialParameters
 
-MAX_CFG_DEPTH = 16
+MAX_CFG_DEPTH = 16      # include levels
+MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
+MAX_CFG_BYTES = 1 << 20
+MAX_JSON_DEPTH = 16     # a config is at most a few levels deep
 
 
 class ConfigFileError(ValueError):
@@ -23,64 +27,71 @@ class ConfigFileError(ValueError):
 
 
 def normalize(opt: Option, value: Any, where: str) -> Any:
-    """One option value (a string from argv, or any JSON value) in canonical form."""
-    if opt.multi:
-        values = value if isinstance(value, list) else [value]
-        return [_normalize_one(opt, v, where) for v in values]
-    return _normalize_one(opt, value, where)
+    """One option value (a string from argv, or any JSON value) in canonical form.
 
-
-def _normalize_one(opt: Option, value: Any, where: str) -> Any:
+    Inner checks raise without naming the option; `where` (the option, or the file
+    and key) is added here, once."""
     try:
-        if opt.kind == "flag":
-            if not isinstance(value, bool):
-                raise ConfigFileError(f"{where}: expected true or false")
-            return value
-        if opt.kind == "value":
-            if opt.value_type == "int":
-                return kv.convert(kv.Field(opt.long, "int"), value)
-            if not isinstance(value, str):
-                raise ConfigFileError(f"{where}: expected a string")
-            if opt.long == "kvm-device":
-                return {"kvm": {"device": value}}
-            return value
-        if opt.kind == "keyvalue":
-            schema = opt.schema
-            if isinstance(value, str):
-                return {**kv.from_items(schema, kv.parse(value)), **(opt.implied or {})}
-            if isinstance(value, int) and not isinstance(value, bool) and len(schema.fields) == 1:
-                return {schema.fields[0].name: value}
-            if isinstance(value, dict):
-                return kv.from_mapping(schema, value, where)
-            raise ConfigFileError(f"{where}: expected key=value settings")
-        if opt.kind == "variant":
-            return _normalize_variant(opt, value, where)
-    except kv.KeyValueError as e:
-        raise ConfigFileError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
-    except ValueError as e:
+        if opt.multi:
+            values = value if isinstance(value, list) else [value]
+            return [_normalize_one(opt, v) for v in values]
+        return _normalize_one(opt, value)
+    except ValueError as e:  # KeyValueError and JsonLimitError are ValueErrors
         raise ConfigFileError(f"{where}: {e}") from None
+
+
+def _normalize_one(opt: Option, value: Any) -> Any:
+    if opt.kind == "flag":
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if opt.kind == "value":
+        if opt.value_type == "int":
+            return kv.convert(kv.Field(opt.long, "int"), value)
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        if opt.long == "kvm-device":
+            return {"kvm": {"device": value}}
+        return value
+    if opt.kind == "keyvalue":
+        schema = opt.schema
+        if isinstance(value, str):
+            return {**kv.from_items(schema, kv.parse(value)), **(opt.implied or {})}
+        if isinstance(value, int) and not isinstance(value, bool) and len(schema.fields) == 1:
+            return {schema.fields[0].name: kv.convert(schema.fields[0], value)}
+        if isinstance(value, dict):
+            return {**kv.from_mapping(schema, value), **(opt.implied or {})}
+        raise ValueError("expected key=value settings")
+    if opt.kind == "variant":
+        return _normalize_variant(opt, value)
     raise AssertionError(opt.kind)
 
 
-def _normalize_variant(opt: Option, value: Any, where: str) -> dict[str, Any]:
+def _normalize_variant(opt: Option, value: Any) -> dict[str, Any]:
     variants = opt.variants or {}
+    expected = f"expected one of {', '.join(variants)}"
     if isinstance(value, str):
         items = kv.parse(value)
         if len(items) != 1 or items[0].key is not None:
-            raise ConfigFileError(f"{where}: expected one of {', '.join(variants)}")
+            raise ValueError(expected)
         v = items[0].value
         name, fields = (v.name, v.items) if isinstance(v, kv.Variant) else (v, [])
+        if not isinstance(name, str):  # `[...]` with no name before it
+            raise ValueError(expected)
         if name not in variants:
-            raise ConfigFileError(f"{where}: unknown variant `{name}`, expected one of "
-                                  + ", ".join(variants))
+            raise ValueError(f"unknown variant `{name}`, {expected}")
         schema = variants[name]
         return {name: kv.from_items(kv.Schema(schema.fields, first_key_optional=False), fields)}
     if isinstance(value, dict) and len(value) == 1:
         name, fields = next(iter(value.items()))
         if name not in variants:
-            raise ConfigFileError(f"{where}: unknown variant `{name}`")
-        return {name: kv.from_mapping(variants[name], fields or {}, where)}
-    raise ConfigFileError(f"{where}: expected one of {', '.join(variants)}")
+            raise ValueError(f"unknown variant `{name}`, {expected}")
+        if fields is None:
+            fields = {}
+        if not isinstance(fields, dict):
+            raise ValueError(f"`{name}` takes key=value settings (a JSON object)")
+        return {name: kv.from_mapping(variants[name], fields)}
+    raise ValueError(expected)
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -94,21 +105,31 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_cfg(path: str, _stack: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load one JSON config file with its `cfg` includes applied first."""
+def load_cfg(path: str, budget: dict | None = None,
+             _stack: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load one JSON config file with its `cfg` includes applied first.
+
+    Each file must be a regular file of at most MAX_CFG_BYTES, nesting at most
+    MAX_JSON_DEPTH deep; includes nest at most MAX_CFG_DEPTH deep, and at most
+    MAX_CFG_FILES files are loaded in all (a file that includes another eight times,
+    eight levels down, is 16 million loads). Pass the same `budget` dict to every
+    call of one command line."""
+    state = {} if budget is None else budget
+    state["files"] = state.get("files", 0) + 1
+    if state["files"] > MAX_CFG_FILES:
+        raise ConfigFileError(f"{path}: more than {MAX_CFG_FILES} config files to load")
     real = os.path.realpath(path)
     if real in _stack:
         raise ConfigFileError(f"{path}: config files include each other in a loop")
     if len(_stack) >= MAX_CFG_DEPTH:
         raise ConfigFileError(f"{path}: config includes nest deeper than {MAX_CFG_DEPTH}")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigFileError(f"failed to read config file {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: "
-                              f"{e.msg}") from None
+        data = boundedjson.loads(read_host_file(path, "config file", MAX_CFG_BYTES),
+                                 MAX_CFG_BYTES, MAX_JSON_DEPTH)
+    except HostFileError as e:
+        raise ConfigFileError(str(e)) from None
+    except boundedjson.JsonLimitError as e:
+        raise ConfigFileError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}: the top level must be a JSON object")
     includes = data.pop("cfg", [])
@@ -119,7 +140,7 @@ def load_cfg(path: str, _stack: tuple[str, ...] = ()) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for inc in includes:
         inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
-        merged = merge(merged, load_cfg(inc_path, _stack + (real,)))
+        merged = merge(merged, load_cfg(inc_path, state, _stack + (real,)))
     own: dict[str, Any] = {}
     for key, value in data.items():
         opt = BY_CONFIG_KEY.get(key)

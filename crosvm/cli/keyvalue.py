@@ -10,10 +10,15 @@ Errors name the position (0-based, as crosvm does) of the offending text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 BARE_STOP = ",[]="
+MAX_LENGTH = 16384   # one option value; PATH_MAX is 4096
+MAX_NESTING = 8      # `[` levels; crosvm's deepest schema (cpu clusters) uses 2
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1   # what an i64 or u64 key can hold
+_INT = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]{1,16}|0[oO][0-7]{1,22}|0[bB][01]{1,64}|[0-9]{1,20})")
 
 
 class KeyValueError(ValueError):
@@ -45,6 +50,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.s = text
         self.i = 0
+        self.depth = 0
 
     def error(self, msg: str, pos: int | None = None) -> KeyValueError:
         return KeyValueError(f"{msg} at position {self.i if pos is None else pos}")
@@ -95,11 +101,15 @@ class _Parser:
 
     def bracketed(self) -> list[Item]:
         start = self.i
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"brackets nest deeper than {MAX_NESTING} levels")
         self.i += 1
         items = self.items(closing="]")
         if self.peek() != "]":
             raise self.error("expected ']'", self.i if self.i < len(self.s) else start)
         self.i += 1
+        self.depth -= 1
         return items
 
     def items(self, closing: str = "") -> list[Item]:
@@ -142,6 +152,8 @@ class _Parser:
 
 def parse(text: str) -> list[Item]:
     """Parse a whole option value into items (no schema applied)."""
+    if len(text) > MAX_LENGTH:
+        raise KeyValueError(f"value longer than {MAX_LENGTH} characters")
     p = _Parser(text)
     items = p.items()
     if p.i != len(text):
@@ -152,21 +164,22 @@ def parse(text: str) -> list[Item]:
 # --- typed conversion -------------------------------------------------------------
 
 def parse_int(text: str) -> int:
-    """Integers as crosvm takes them: optional sign, 0x/0o/0b prefixes."""
-    t = text.strip()
-    neg = t.startswith("-")
-    body = t[1:] if neg or t.startswith("+") else t
-    base = 10
-    if body[:2].lower() in ("0x", "0o", "0b"):
-        base = {"x": 16, "o": 8, "b": 2}[body[1].lower()]
-        body = body[2:]
-    try:
-        value = int(body, base) if body.isalnum() else None
-    except ValueError:
-        value = None
-    if value is None:
-        raise ValueError(f"invalid number '{text}'")
-    return -value if neg else value
+    """Integers as crosvm takes them: optional sign, 0x/0o/0b prefixes, ASCII digits
+    only (Python's int() would take any Unicode digit and `_` separators), and within
+    i64/u64 range."""
+    if not _INT.fullmatch(text):
+        raise ValueError(f"invalid number '{text[:40]}'")
+    neg = text.startswith("-")
+    body = text.lstrip("+-")
+    base = {"x": 16, "o": 8, "b": 2}.get(body[1:2].lower(), 10) if body[:1] == "0" else 10
+    value = int(body[2:] if base != 10 else body, base)
+    return check_int_range(-value if neg else value)
+
+
+def check_int_range(value: int) -> int:
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError(f"number {value} is out of range")
+    return value
 
 
 def parse_bool(text: str) -> bool:
@@ -225,7 +238,7 @@ def convert(f: Field, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expected a number for `{f.name}`")
         if isinstance(value, int):
-            return value
+            return check_int_range(value)
         if isinstance(value, str):
             return parse_int(value)
         raise ValueError(f"expected a number for `{f.name}`")
@@ -286,12 +299,14 @@ def _convert(f: Field, value: Any, prefix: str, suffix: str) -> Any:
         raise KeyValueError(f"{prefix}{e}{suffix}") from None
 
 
-def from_mapping(schema: Schema, mapping: dict[str, Any], where: str) -> dict[str, Any]:
+def from_mapping(schema: Schema, mapping: dict[str, Any]) -> dict[str, Any]:
     """Validate a JSON object against a schema (unknown keys are errors)."""
     out: dict[str, Any] = {}
     for key, value in mapping.items():
-        f = _field(schema, key, f"{where}: ", "")
-        out[f.name] = _convert(f, value, f"{where}: ", "")
+        f = _field(schema, key, "", "")
+        if f.name in out:
+            raise KeyValueError(f"duplicate field `{f.name}`")
+        out[f.name] = _convert(f, value, "", "")
     return out
 
 

@@ -10,11 +10,14 @@ from crosvm import __version__
 from crosvm.cli.disk_commands import cmd_create_composite, cmd_create_qcow2
 from crosvm.cli.config_file import ConfigFileError, build_config, load_cfg, merge, normalize
 from crosvm.cli.options import BY_LONG, BY_SHORT, run_help
+from crosvm.cli.output import StdoutError, write_stdout
+from crosvm.config import Config, ConfigError
+from crosvm.vm_control.signals import stop_signals_raise
 from crosvm.vmm.exit import ExitCode
 
 log = logging.getLogger("crosvm")
 
-USAGE = """Usage: crosvm [--log-level LEVEL] [--syslog-tag TAG] [--no-syslog] [--extended-status] COMMAND [ARGS]
+USAGE = """Usage: crosvm [--log-level LEVEL] [--no-syslog] [--extended-status] COMMAND [ARGS]
 
 Commands:
   run       Start a new VM
@@ -26,8 +29,7 @@ Commands:
 Global options:
   --log-level LEVEL   log level, optionally per module: e.g. `debug,vcpu=off`
                       (levels: off, error, warn, info, debug, trace; default info)
-  --syslog-tag TAG    tag for syslog messages
-  --no-syslog         log to stderr only
+  --no-syslog         log to stderr only (the only way this VMM logs)
   --extended-status   accepted for compatibility
   -h, --help          show this help
 
@@ -42,10 +44,25 @@ class UsageError(Exception):
     """Bad arguments: printed as one line, exit 35."""
 
 
+def one_line(text: str) -> str:
+    """`text` with newlines and other control characters escaped: a message that quotes
+    user input (a file name, an option value) stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each, whatever their message quotes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
 def setup_logging(spec: str) -> None:
     """`info` or `debug,vcpu=off,serial=trace` style, as crosvm's --log-level."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
+    handler.setFormatter(OneLineFormatter("[%(asctime)s %(levelname)s %(name)s] %(message)s"))
     root = logging.getLogger("crosvm")
     root.handlers[:] = [handler]
     root.propagate = False
@@ -126,35 +143,50 @@ def parse_run_args(args: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, cfg_files
 
 
-def cmd_run(args: list[str]) -> int:
-    if "-h" in args or "--help" in args:
-        print(run_help())
-        return 0
+def config_from_args(args: list[str]) -> Config:
+    """The validated Config for `crosvm run ARGS` (command line and --cfg files), built
+    without touching the host; raises UsageError."""
     values, cfg_files = parse_run_args(args)
     merged: dict[str, Any] = {}
+    budget: dict = {}  # one file budget for all --cfg options together
     try:
         for path in cfg_files:
-            merged = merge(merged, load_cfg(path))
+            merged = merge(merged, load_cfg(path, budget))
         cfg = build_config(merge(merged, values))
-    except ConfigFileError as e:
+        if not cfg.kernel:
+            raise UsageError("a kernel image is required: crosvm run [OPTIONS] KERNEL")
+        cfg.validate()
+    except (ConfigFileError, ConfigError) as e:
         raise UsageError(str(e)) from None
-    if not cfg.kernel:
-        raise UsageError("a kernel image is required: crosvm run [OPTIONS] KERNEL")
-    from crosvm.vmm.run import run_config  # heavy imports only when running a VM
-    return int(run_config(cfg))
+    return cfg
+
+
+def cmd_run(args: list[str]) -> int:
+    if "-h" in args or "--help" in args:
+        write_stdout(run_help())
+        return 0
+    return start_vm(config_from_args(args))
+
+
+def start_vm(cfg: Config) -> int:
+    """Builds and runs the VM; its exit code. (The fuzz targets replace this: they
+    drive `crosvm run` up to, not including, building a VM.)"""
+    with stop_signals_raise():  # until the VM installs its own handlers
+        from crosvm.vmm.run import run_config  # heavy imports only when running a VM
+        return int(run_config(cfg))
 
 
 def cmd_version(args: list[str]) -> int:
     if args:
         raise UsageError(f"unexpected argument: {args[0]}")
-    print(f"crosvm {__version__}")
+    write_stdout(f"crosvm {__version__}")
     return 0
 
 
 def cmd_stop(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
-        print("Usage: crosvm stop VM_SOCKET\n\nStops the VM listening on VM_SOCKET "
-              "(`crosvm run -s VM_SOCKET`).")
+        write_stdout("Usage: crosvm stop VM_SOCKET\n\nStops the VM listening on VM_SOCKET "
+                     "(`crosvm run -s VM_SOCKET`).")
         return 0
     if len(args) != 1:
         raise UsageError("usage: crosvm stop VM_SOCKET")
@@ -171,37 +203,72 @@ COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version,
             "create_qcow2": cmd_create_qcow2, "create_composite": cmd_create_composite}
 
 
+def check_utf8(args: list[str]) -> None:
+    """crosvm takes its arguments as UTF-8 strings and refuses others; here undecodable
+    bytes arrive as surrogates, which no path, kernel parameter or serial id can hold."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"argument is not valid UTF-8: '{shown[:80]}'") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one crosvm command; its exit code. The error boundary of every command:
+    whatever goes wrong ends as one line on stderr and an exit code from crosvm's
+    table, never a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
-    log_level = "info"
     try:
-        while args and args[0].startswith("-"):
-            arg = args.pop(0)
-            name, eq, inline = arg.partition("=")
-            if name in ("-h", "--help"):
-                print(USAGE)
-                return 0
-            if name in ("--log-level", "--syslog-tag"):
-                if not eq:
-                    if not args:
-                        raise UsageError(f"option {name} needs a value")
-                    inline = args.pop(0)
-                if name == "--log-level":
-                    log_level = inline
-            elif name in ("--no-syslog", "--extended-status") and not eq:
-                pass
-            else:
-                raise UsageError(f"unrecognized argument: {name}")
-        setup_logging(log_level)
-        if not args:
-            raise UsageError("no command given (try `crosvm --help`)")
-        command = COMMANDS.get(args[0])
-        if command is None:
-            raise UsageError(f"unknown command `{args[0]}` (try `crosvm --help`)")
-        return command(args[1:])
+        return _main(args)
     except UsageError as e:
-        print(f"crosvm: {e}", file=sys.stderr)
-        return int(ExitCode.INVALID_ARGS)
+        return _fail(str(e), ExitCode.INVALID_ARGS)
+    except StdoutError as e:  # a closed pipe has an empty message: exit 1, quietly
+        return _fail(e.message, ExitCode.ERROR)
+    except KeyboardInterrupt as e:  # SIGINT, or a stop signal, before the VM ran
+        return _fail(f"interrupted by {e.args[0] if e.args else 'SIGINT'} before the VM "
+                     "started", ExitCode.ERROR)
+    except Exception as e:  # noqa: BLE001 - the boundary: one line, not a traceback
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected error: {type(e).__name__}: {e}"[:400], ExitCode.ERROR)
+
+
+def _main(args: list[str]) -> int:
+    check_utf8(args)
+    log_level = "info"
+    while args and args[0].startswith("-"):
+        arg = args.pop(0)
+        name, eq, inline = arg.partition("=")
+        if name in ("-h", "--help"):
+            write_stdout(USAGE)
+            return 0
+        if name == "--log-level":
+            if not eq:
+                if not args:
+                    raise UsageError(f"option {name} needs a value")
+                inline = args.pop(0)
+            log_level = inline
+        elif name in ("--no-syslog", "--extended-status") and not eq:
+            pass
+        else:
+            raise UsageError(f"unrecognized argument: {name}")
+    setup_logging(log_level)
+    if not args:
+        raise UsageError("no command given (try `crosvm --help`)")
+    command = COMMANDS.get(args[0])
+    if command is None:
+        raise UsageError(f"unknown command `{args[0]}` (try `crosvm --help`)")
+    return command(args[1:])
+
+
+def _fail(message: str, code: ExitCode) -> int:
+    if not message:
+        return int(code)
+    try:
+        print(f"crosvm: {one_line(message)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone too: the exit code is all that is left
+    return int(code)
 
 
 if __name__ == "__main__":

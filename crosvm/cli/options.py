@@ -47,9 +47,6 @@ SERIAL_SCHEMA = Schema([
     Field("stdin", "bool", False, "feed this port from crosvm's standard input"),
     Field("out-timestamp", "bool", False, "prefix each output line with a timestamp",
           aliases=("out_timestamp",)),
-    Field("debugcon-port", "int", 0x402, "I/O port for hardware=debugcon",
-          aliases=("debugcon_port",)),
-    Field("name", "str", None, "name of a virtio-console port"),
 ])
 
 BLOCK_SCHEMA = Schema([

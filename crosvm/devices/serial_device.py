@@ -9,22 +9,59 @@ import syslog
 import threading
 import time
 
-from crosvm.config import SerialParameters
+from crosvm.base.hostfile import SERIAL_INPUT, SERIAL_OUTPUT, HostFileError, open_host_file
+from crosvm.config import ConfigError, SerialParameters
 
 log = logging.getLogger("crosvm.serial")
+
+SYSLOG_LINE_MAX = 1024  # longer lines are sent in pieces
+ERROR_REPORT_INTERVAL = 60.0  # seconds between reports of a sink that keeps failing
+
+
+class OutputErrors:
+    """Reports a failing output sink once, then at most every ERROR_REPORT_INTERVAL
+    with the number of bytes lost since: a guest that prints to /dev/full writes a
+    log line a minute, not one per byte. The port keeps working."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.clock = time.monotonic
+        self._next_report: float | None = None
+        self._lost = 0
+
+    def failed(self, err: OSError, lost: int) -> None:
+        now = self.clock()
+        self._lost += lost
+        if self._next_report is None:
+            log.warning("%s: output failed: %s; its output is dropped while this lasts",
+                        self.name, err.strerror or err)
+        elif now >= self._next_report:
+            log.warning("%s: output still failing: %s (%d bytes dropped)", self.name,
+                        err.strerror or err, self._lost)
+        else:
+            return
+        self._lost = 0
+        self._next_report = now + ERROR_REPORT_INTERVAL
 
 
 class SerialError(Exception):
     """A serial backend could not be opened."""
 
 
+class SerialPathError(SerialError, ConfigError):
+    """A serial path= or input= file is missing or of the wrong kind: a bad argument
+    (exit 35, like a bad kernel or disk path), not a failure of the host."""
+
+
 class FdOutput:
     """Writes everything to a file descriptor (stdout, a file, a pipe)."""
 
-    def __init__(self, fd: int, owned: bool, timestamp: bool = False) -> None:
+    def __init__(self, fd: int, owned: bool, timestamp: bool = False,
+                 name: str = "serial") -> None:
         self.fd = fd
         self.owned = owned
         self.timestamp = timestamp
+        self.errors = OutputErrors(name)
         self._line_start = True
         self._t0 = time.monotonic()
 
@@ -37,8 +74,8 @@ class FdOutput:
                 data = data[n:]
         except BlockingIOError:
             pass
-        except OSError as e:
-            log.warning("serial output failed: %s", e.strerror)
+        except OSError as e:  # EIO, ENOSPC, EPIPE...: the VM keeps running
+            self.errors.failed(e, len(data))
 
     def _stamp(self, data: bytes) -> bytes:
         out = bytearray()
@@ -65,6 +102,7 @@ class SyslogOutput:
     def __init__(self, tag: str, path: str = "/dev/log") -> None:
         self._buf = bytearray()
         self._tag = tag
+        self.errors = OutputErrors(tag)
         self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self.sock.connect(path)
@@ -76,16 +114,22 @@ class SyslogOutput:
 
     def write(self, data: bytes) -> None:
         self._buf += data
+        if len(self._buf) > SYSLOG_LINE_MAX and b"\n" not in self._buf:
+            self._buf += b"\n"  # a guest that never ends its line must not grow this
         while b"\n" in self._buf:
             line, _, rest = self._buf.partition(b"\n")
             text = f"{self._tag}: {line.decode(errors='replace')}"
             if self.sock is not None:
+                message = f"<{syslog.LOG_USER | syslog.LOG_INFO}>{text}".encode(errors="replace")
                 try:
-                    self.sock.send(f"<{syslog.LOG_USER | syslog.LOG_INFO}>{text}".encode())
-                except OSError:
-                    pass
+                    self.sock.send(message)
+                except OSError as e:  # the daemon went away or is flooded
+                    self.errors.failed(e, len(line) + 1)
             else:
-                os.write(2, text.encode() + b"\n")
+                try:
+                    os.write(2, text.encode(errors="replace") + b"\n")
+                except OSError:
+                    pass  # stderr is where errors would be reported
             self._buf = bytearray(rest)
 
     def fds(self) -> list[int]:
@@ -129,14 +173,17 @@ class UnixOutput:
 def open_output(params: SerialParameters) -> object | None:
     """The output sink for one port, or None for type=sink."""
     t = params.type
+    name = f"serial{params.num}" if params.hardware == "serial" else f"console{params.num}"
     if t == "stdout":
-        return FdOutput(1, owned=False, timestamp=params.out_timestamp)
+        return FdOutput(1, owned=False, timestamp=params.out_timestamp, name=name)
     if t == "file":
+        # A FIFO is taken if someone reads it (open would block for ever otherwise).
         try:
-            fd = os.open(params.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise SerialError(f"serial: failed to open {params.path}: {e.strerror}") from e
-        return FdOutput(fd, owned=True, timestamp=params.out_timestamp)
+            fd = open_host_file(params.path, f"{name} output",
+                                os.O_WRONLY | os.O_CREAT | os.O_APPEND, SERIAL_OUTPUT)
+        except HostFileError as e:
+            raise SerialPathError(f"serial: {e}") from None
+        return FdOutput(fd, owned=True, timestamp=params.out_timestamp, name=name)
     if t == "syslog":
         return SyslogOutput(f"serial{params.num}")
     if t == "unix":
@@ -149,10 +196,13 @@ def open_input(params: SerialParameters, output: object | None) -> int | None:
     if params.stdin:
         return 0
     if params.input:
+        # Non-blocking: a FIFO with no writer yet opens at once, and the input thread
+        # polls it (a blocking read would hang on a FIFO between writers).
         try:
-            return os.open(params.input, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SerialError(f"serial: failed to open input {params.input}: {e.strerror}") from e
+            return open_host_file(params.input, f"serial{params.num} input", os.O_RDONLY,
+                                  SERIAL_INPUT, blocking=False)
+        except HostFileError as e:
+            raise SerialPathError(f"serial: {e}") from None
     if isinstance(output, UnixOutput):
         return output.fileno()
     return None

@@ -9,6 +9,7 @@ import fcntl
 import os
 from typing import Sequence
 
+from crosvm.base.hostfile import REGULAR_OR_BLOCK, HostFileError, open_host_file
 from crosvm.disk.disk_file import DiskError, DiskFile
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -30,13 +31,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def open_locked(path: str, read_only: bool, direct: bool = False) -> int:
     """Open an image file and lock it as crosvm does: exclusive when writable, shared when
     read-only (flock), so two VMs cannot write the same disk."""
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    flags = os.O_RDONLY if read_only else os.O_RDWR
     if direct:
         flags |= os.O_DIRECT
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise DiskError(f"failed to open disk image {path}: {e.strerror}") from e
+    try:  # a regular file or a block device; a FIFO or directory is named as such
+        fd = open_host_file(path, "disk image", flags, REGULAR_OR_BLOCK)
+    except HostFileError as e:
+        raise DiskError(str(e)) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:

@@ -21,19 +21,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import mmap
 import os
+import re
 import signal
 import socket
 import termios
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.jail.seccomp import (ACT_ALLOW, CMP_EQ, CMP_GE, CMP_GT, CMP_LE, CMP_LT,
                                  CMP_MASKED_EQ, CMP_NE, ArgCmp, Rule, act_errno)
 
 MASK64 = (1 << 64) - 1
 MAX_INCLUDE_DEPTH = 8
+MAX_POLICY_BYTES = 1 << 20
+MAX_POLICY_FILES = 64   # files one policy may load, includes counted
+MAX_LINE_RULES = 256    # rules one line may expand to (crosvm's policies need < 20)
+MAX_RULES = 8192        # rules in one policy with its includes
+_NUMBER = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO]?[0-7]+|[1-9][0-9]*|0)")
 
 
 class PolicyError(Exception):
@@ -91,11 +99,12 @@ def parse_value(text: str) -> int:
             term = term[1:].strip()
         if term in CONSTANTS:
             v = CONSTANTS[term]
+        elif _NUMBER.fullmatch(term) and len(term) <= 70:  # ASCII digits, 64 bits at most
+            v = int(term, 8) if re.fullmatch(r"-?0[0-7]+", term) else int(term, 0)
         else:
-            try:
-                v = int(term, 0)
-            except ValueError:
-                raise PolicyError(f"unknown constant {term!r}") from None
+            raise PolicyError(f"unknown constant {term[:40]!r}")
+        if not -(1 << 63) <= v <= MASK64:
+            raise PolicyError(f"{term[:40]} does not fit in 64 bits")
         value |= (~v if negate else v) & MASK64
     return value
 
@@ -133,7 +142,12 @@ def _negate(cmp: ArgCmp) -> list[ArgCmp]:
 
 
 def _products(groups: list[list[ArgCmp]]) -> list[tuple[ArgCmp, ...]]:
-    """AND of ORs -> OR of ANDs (one choice from each group)."""
+    """AND of ORs -> OR of ANDs (one choice from each group); refuses to expand past
+    MAX_LINE_RULES (`arg0 & 0xff.. && arg1 & 0xff..` would be 4096 rules)."""
+    count = math.prod(len(g) for g in groups)
+    if count > MAX_LINE_RULES:
+        raise PolicyError(f"the expression expands to {count} rules (at most "
+                          f"{MAX_LINE_RULES}); test fewer bits with `&`, or split it")
     out: list[tuple[ArgCmp, ...]] = [()]
     for group in groups:
         out = [alt + (c,) for alt in out for c in group]
@@ -153,7 +167,8 @@ def _rules(syscall: str, action: int, conjunctions: list[tuple[ArgCmp, ...]]) ->
 
 def _parse_return(text: str) -> int:
     name = text[len("return"):].strip()
-    code = int(name) if name.isdigit() else _ERRNOS.get(name)
+    code = int(name) if name.isascii() and name.isdigit() and len(name) <= 5 \
+        else _ERRNOS.get(name)
     if code is None or code >= 4096:
         raise PolicyError(f"bad errno {name!r}")
     return act_errno(code)
@@ -174,7 +189,11 @@ def parse_expression(syscall: str, text: str) -> list[Rule]:
     # Each `||` term is an AND of atoms; a multi-bit `&` atom is itself an OR.
     terms = [[_parse_atom(atom.strip()) for atom in term.split("&&")]
              for term in text.split("||")]
-    rules = _rules(syscall, ACT_ALLOW, [c for t in terms for c in _products(t)])
+    allowed = [c for t in terms for c in _products(t)]
+    if len(allowed) > MAX_LINE_RULES:
+        raise PolicyError(f"the expression expands to {len(allowed)} rules (at most "
+                          f"{MAX_LINE_RULES}); split it")
+    rules = _rules(syscall, ACT_ALLOW, allowed)
     if otherwise.strip():
         if not otherwise.strip().startswith("return"):
             raise PolicyError(f"expected `; return N`, got {otherwise.strip()!r}")
@@ -195,15 +214,22 @@ def _negate_group(group: list[ArgCmp]) -> list[ArgCmp]:
     return [ArgCmp(group[0].arg, CMP_MASKED_EQ, mask, 0)]
 
 
-def load_policy(path: str | Path, _depth: int = 0) -> Policy:
-    """Parses a policy file and its includes."""
+def load_policy(path: str | Path, _depth: int = 0, _state: dict | None = None) -> Policy:
+    """Parses a policy file and its includes (each a regular file of at most
+    MAX_POLICY_BYTES; at most MAX_POLICY_FILES files and MAX_RULES rules in all)."""
     path = Path(path)
+    state = {"files": 0, "rules": 0} if _state is None else _state
     if _depth > MAX_INCLUDE_DEPTH:
         raise PolicyError(f"{path}: includes nested deeper than {MAX_INCLUDE_DEPTH}")
+    state["files"] += 1
+    if state["files"] > MAX_POLICY_FILES:
+        raise PolicyError(f"{path}: more than {MAX_POLICY_FILES} policy files included")
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise PolicyError(f"{path}: {e.strerror}") from None
+        lines = read_host_file(str(path), "policy file", MAX_POLICY_BYTES).decode().splitlines()
+    except HostFileError as e:
+        raise PolicyError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     policy = Policy()
     seen: dict[str, int] = {}
     pending = ""
@@ -217,7 +243,7 @@ def load_policy(path: str | Path, _depth: int = 0) -> Policy:
             continue
         if line.startswith("@include"):
             included = path.parent / Path(line[len("@include"):].strip()).name
-            for rule in load_policy(included, _depth + 1).rules:  # errors name that file
+            for rule in load_policy(included, _depth + 1, state).rules:  # errors name it
                 seen.setdefault(rule.syscall, number)
                 policy.rules.append(rule)
             continue
@@ -226,12 +252,16 @@ def load_policy(path: str | Path, _depth: int = 0) -> Policy:
         try:
             name, sep, expr = line.partition(":")
             name = name.strip()
-            if not sep or not name.replace("_", "").isalnum():
-                raise PolicyError(f"expected `syscall: expression`, got {line!r}")
+            if not sep or not name.isascii() or not name.replace("_", "").isalnum():
+                raise PolicyError(f"expected `syscall: expression`, got {line[:80]!r}")
             if name in seen:
                 raise PolicyError(f"{name} is already in the policy (line {seen[name]})")
             seen[name] = number
-            policy.rules.extend(parse_expression(name, expr))
+            rules = parse_expression(name, expr)
         except PolicyError as e:
             raise PolicyError(f"{path}:{number}: {e}") from None
+        state["rules"] += len(rules)
+        if state["rules"] > MAX_RULES:
+            raise PolicyError(f"{path}:{number}: more than {MAX_RULES} rules in the policy")
+        policy.rules.extend(rules)
     return policy

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from crosvm.arch.x86_64 import bootparam as BP
+from crosvm.base.hostfile import HostFileError, open_host_file
 from crosvm.arch.x86_64 import layout as L
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 
@@ -119,10 +120,7 @@ def load_bzimage(mem: GuestMemory, fd: int) -> LoadedKernel:
 
 def load_kernel(mem: GuestMemory, path: str) -> LoadedKernel:
     """Load an ELF vmlinux or a bzImage, choosing by the file's magic."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise KernelLoaderError(f"failed to open kernel image {path}: {e.strerror}") from e
+    fd = _open_image(path, "kernel image")
     try:
         head = os.pread(fd, 0x206, 0)
         is_elf = head[:4] == ELF_MAGIC
@@ -136,15 +134,21 @@ def load_kernel(mem: GuestMemory, path: str) -> LoadedKernel:
         os.close(fd)
 
 
+def _open_image(path: str, what: str) -> int:
+    """A kernel or initrd must be a regular file: its size is what gets loaded, and
+    open() must not wait on a FIFO."""
+    try:
+        return open_host_file(path, what)
+    except HostFileError as e:
+        raise KernelLoaderError(str(e)) from None
+
+
 def load_initrd(mem: GuestMemory, path: str, kernel_end: int, max_addr: int) -> tuple[int, int]:
     """Place the initrd at the highest page-aligned address below `max_addr` and RAM end.
 
     Returns (address, size).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise KernelLoaderError(f"failed to open initrd {path}: {e.strerror}") from e
+    fd = _open_image(path, "initrd")
     try:
         size = os.fstat(fd).st_size
         low_end = min(mem.regions[0].end, max_addr + 1)

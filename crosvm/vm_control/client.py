@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import socket
 
-from crosvm.vm_control.server import MAX_MESSAGE
+from crosvm.base import boundedjson
+from crosvm.vm_control.server import MAX_DEPTH, MAX_MESSAGE
 
 TIMEOUT = 10.0
 
@@ -21,17 +22,24 @@ def handle_request(request: object, path: str) -> object:
         try:
             s.connect(path)
             s.send(json.dumps(request).encode())
-            raw = s.recv(MAX_MESSAGE)
+            raw, _, flags, _ = s.recvmsg(MAX_MESSAGE)
         except OSError as e:
             raise ControlError(f"cannot reach the VM at {path}: {e.strerror or e}") from None
+    if flags & socket.MSG_TRUNC:
+        raise ControlError(f"bad response from the VM at {path}: larger than "
+                           f"{MAX_MESSAGE} bytes")
+    if not raw:
+        raise ControlError(f"the VM at {path} closed the connection without answering")
     try:
-        return json.loads(raw)
-    except ValueError:
-        raise ControlError(f"bad response from the VM at {path}") from None
+        return boundedjson.loads(raw, MAX_MESSAGE, MAX_DEPTH)
+    except ValueError as e:
+        raise ControlError(f"bad response from the VM at {path}: {e}") from None
 
 
 def vms_request(request: object, path: str) -> None:
     """`handle_request`, with any response but "Ok" an error."""
     response = handle_request(request, path)
     if response != "Ok":
-        raise ControlError(f"the VM refused {request}: {response}")
+        shown = json.dumps(response)
+        raise ControlError(f"the VM at {path} refused {json.dumps(request)[:100]}: "
+                           f"{shown[:200]}")

@@ -36,6 +36,7 @@ from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
+from crosvm.vm_control.signals import install_stop_signals
 from crosvm.vmm.exit import ExitCode, ExitState
 from crosvm.vmm.pci import PciSetup
 from crosvm.vmm.vcpu import VcpuThread, install_kick_handler
@@ -308,8 +309,10 @@ class Vm:
 
     def run(self) -> ExitCode:
         install_kick_handler()
-        # SIGTERM stops the VM like `crosvm stop`, so the terminal gets restored.
-        signal.signal(signal.SIGTERM, lambda *_: self.exit_state.request(ExitCode.SUCCESS))
+        # SIGHUP/SIGINT/SIGTERM stop the VM like `crosvm stop` (terminal restored, socket
+        # removed); SIGUSR1/2 are logged and ignored.
+        install_stop_signals(lambda name: self.exit_state.request(ExitCode.SUCCESS,
+                                                                  f"stopped by {name}"))
         self.exit_state.add_listener(self._kick_all)
         for t in self._input_threads:
             t.start()

@@ -171,7 +171,7 @@ def test_cfg_file_cannot_hold_cli_only_option(tmp_path):
     ([SerialParameters(num=5)], "between 1 and 4"),
     ([SerialParameters(type="file")], "needs path="),
     ([SerialParameters(stdin=True, input="/x")], "cannot both"),
-    ([SerialParameters(hardware="legacy-virtio-console")], "not supported yet"),
+    ([SerialParameters(hardware="legacy-virtio-console")], "invalid hardware"),
 ])
 def test_serial_rules(ports, message):
     with pytest.raises(ConfigError, match=message):

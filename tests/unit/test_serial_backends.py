@@ -70,7 +70,7 @@ def test_input_file_is_opened_for_reading(tmp_path):
 
 
 def test_missing_input_file_is_clear_error(tmp_path):
-    with pytest.raises(SerialError, match="failed to open input"):
+    with pytest.raises(SerialError, match="failed to open serial1 input"):
         open_input(SerialParameters(input=str(tmp_path / "absent")), None)
 
 
@@ -93,3 +93,20 @@ def test_syslog_output_without_a_daemon_writes_to_stderr(tmp_path, capfd):
     out.write(b"hello\n")
 
     assert capfd.readouterr().err.endswith("crosvm[serial1]: hello\n")
+
+
+def test_syslog_output_without_newlines_does_not_grow_without_bound(tmp_path):
+    out = SyslogOutput("serial1", str(tmp_path / "no-daemon"))
+    out.sock = None
+    stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # the no-daemon fallback writes to stderr
+    try:
+        for _ in range(1000):
+            out.write(b"x" * 100)
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+
+    assert len(out._buf) <= 2048
