@@ -226,7 +226,9 @@ class PciSetup:
                                want, e)
             return
         self._set_ioevents(m.ioevents, want, register=True)
-        _guest_log(logging.INFO, "%s mapped by the guest at %#x", label, want)
+        moved = want != m.bar.address  # not where the VMM first put it
+        _guest_log(logging.INFO if moved else logging.DEBUG, "%s mapped by the guest at %#x",
+                   label, want)
         m.address = want
 
     def _set_ioevents(self, ioevents: list[tuple[Event, int]], base: int,
