@@ -99,6 +99,20 @@ def test_agent_returns_stderr_and_exit_status(vm):
     assert result.returncode == 3
 
 
+def test_agent_returns_carriage_returns_and_non_utf8_bytes(vm):
+    result = vm.run(r"printf 'a\r\n\377\376b\r'")
+
+    assert result.stdout.encode(errors="surrogateescape") == b"a\r\n\xff\xfeb\r"
+
+
+def test_agent_answer_to_an_unawaited_command_is_not_taken_for_the_next(vm):
+    vm.send("echo unawaited")
+
+    result = vm.run("echo awaited")
+
+    assert result.stdout == "awaited\n"
+
+
 def test_nproc_equals_cpus(vm):
     result = vm.run("nproc")
 
@@ -156,8 +170,10 @@ def test_acpi_reports_s5(vm):
 
 
 def test_i8042_keyboard_is_found(vm):
-    result = vm.run("cat /proc/bus/input/devices")
+    # atkbd probes the keyboard from a workqueue: it may register after /init has started.
+    result = vm.run("wait_for /proc/bus/input/devices 'AT Translated Set 2 keyboard' 60")
 
+    assert result.returncode == 0, result.stderr
     assert "AT Translated Set 2 keyboard" in result.stdout
 
 
