@@ -46,6 +46,15 @@ class DiskOption:
 MAX_DISKS = 26
 
 
+@dataclass
+class PmemOption:
+    """One `--pmem` option (or a deprecated --pmem-device/--rw-pmem-device)."""
+
+    path: str
+    ro: bool = False
+    root: bool = False
+
+
 def default_serial() -> SerialParameters:
     """crosvm's default: COM1 is a stdout console that reads stdin."""
     return SerialParameters(type="stdout", num=1, console=True, stdin=True)
@@ -70,6 +79,7 @@ class Config:
     seccomp_policy_dir: str | None = None  # None: the policies shipped with the package
     seccomp_log_failures: bool = False
     disks: list[DiskOption] = field(default_factory=list)
+    pmems: list[PmemOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -93,9 +103,18 @@ class Config:
             raise ConfigError(f"mem of {self.mem_mib} MiB is larger than this VMM supports")
         validate_serial(self.serial_ports())
         validate_disks(self.disks)
+        if sum(d.root for d in self.disks) + sum(p.root for p in self.pmems) > 1:
+            raise ConfigError("only one block or pmem device can be the root device")
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]
+
+    def root_pmem(self) -> tuple[int, PmemOption] | None:
+        """(index, device) of the `root` pmem device; index 0 is /dev/pmem0."""
+        for i, p in enumerate(self.pmems):
+            if p.root:
+                return i, p
+        return None
 
     def root_disk(self) -> tuple[int, DiskOption] | None:
         """(index, disk) of the `root` disk; index 0 is vda."""

@@ -14,7 +14,7 @@ from crosvm.base import boundedjson
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-from crosvm.config import Config, DiskOption, SerialParameters
+from crosvm.config import Config, DiskOption, PmemOption, SerialParameters
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -184,4 +184,6 @@ def _build_config(values: dict[str, Any]) -> Config:
     for b in values.get("block", []):
         full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
         cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))
+    for p in values.get("pmem", []):
+        cfg.pmems.append(PmemOption(**kv.with_defaults(BY_CONFIG_KEY["pmem"].schema, p, "pmem")))
     return cfg

@@ -61,6 +61,13 @@ BLOCK_SCHEMA = Schema([
 # The deprecated aliases take the old keys only; ro/root come from the option itself.
 OLD_DISK_SCHEMA = Schema([f for f in BLOCK_SCHEMA.fields if f.name not in ("ro", "root")])
 
+PMEM_SCHEMA = Schema([
+    Field("path", "path", None, "raw image file mapped as guest memory", required=True),
+    Field("ro", "bool", False, "read-only (a read-only KVM memory slot)"),
+    Field("root", "bool", False, "use as the root device (adds root=/dev/pmemN)"),
+])
+OLD_PMEM_SCHEMA = Schema([f for f in PMEM_SCHEMA.fields if f.name == "path"])
+
 CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
 MEM_SCHEMA = Schema([Field("size", "int", 256, "guest memory in MiB")])
 KVM_SCHEMA = Schema([Field("device", "path", "/dev/kvm", "path to the KVM device")])
@@ -92,6 +99,15 @@ RUN_OPTIONS: list[Option] = [
     Option("rwroot", "keyvalue", "writable root disk", key="block", multi=True,
            schema=OLD_DISK_SCHEMA, deprecated="--block PATH,root", in_config=False,
            implied={"ro": False, "root": True}, metavar="PATH"),
+    Option("pmem", "keyvalue", "a virtio-pmem device backed by a raw image (may repeat; "
+           "/dev/pmem0, /dev/pmem1, ... in order)", multi=True, schema=PMEM_SCHEMA,
+           metavar="PATH[,ro][,root]"),
+    Option("pmem-device", "keyvalue", "read-only pmem device", key="pmem", multi=True,
+           schema=OLD_PMEM_SCHEMA, deprecated="--pmem PATH,ro", in_config=False,
+           implied={"ro": True}, metavar="PATH"),
+    Option("rw-pmem-device", "keyvalue", "writable pmem device", key="pmem", multi=True,
+           schema=OLD_PMEM_SCHEMA, deprecated="--pmem PATH", in_config=False,
+           implied={"ro": False}, metavar="PATH"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",

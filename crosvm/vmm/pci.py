@@ -37,10 +37,12 @@ class AddressAllocator:
         self.base, self.end = base, base + size
         self.next = base
 
-    def allocate(self, size: int) -> int:
-        addr = (self.next + size - 1) & ~(size - 1)
+    def allocate(self, size: int, align: int | None = None) -> int:
+        """`size` bytes aligned to `align` (a power of two; `size` by default)."""
+        align = align or size
+        addr = (self.next + align - 1) & ~(align - 1)
         if addr + size > self.end:
-            raise ValueError(f"no room for a {size:#x}-byte BAR in {self.base:#x}-{self.end:#x}")
+            raise ValueError(f"no room for {size:#x} bytes in {self.base:#x}-{self.end:#x}")
         self.next = addr + size
         return addr
 
@@ -99,6 +101,11 @@ class PciSetup:
 
     def layout(self) -> PciLayout:
         return PciLayout(high_mmio=self.high_range, intx=tuple(self.intx))
+
+    def allocate_high(self, size: int, align: int) -> int:
+        """Guest addresses in the high MMIO window for memory that is not a BAR (a pmem
+        region, as crosvm places them): inside the root bridge's window, never RAM."""
+        return self.high.allocate(size, align)
 
     def _allocate_irq(self) -> int:
         # Round-robin over IOAPIC pins 9-23; lines are shared beyond 15 devices.

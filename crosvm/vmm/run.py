@@ -28,6 +28,7 @@ from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
+from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
@@ -72,6 +73,10 @@ def kernel_cmdline(cfg: Config) -> str:
     if root is not None:
         index, disk = root
         parts.append(f"root=/dev/vd{chr(ord('a') + index)} {'ro' if disk.ro else 'rw'}")
+    pmem_root = cfg.root_pmem()
+    if pmem_root is not None:
+        index, pmem = pmem_root
+        parts.append(f"root=/dev/pmem{index} {'ro' if pmem.ro else 'rw'}")
     parts.extend(cfg.params)
     return " ".join(parts)
 
@@ -137,6 +142,8 @@ class Vm:
         policies = [Serial.seccomp_policy, PvPanic.seccomp_policy]
         if cfg.disks:
             policies.append(Block.seccomp_policy)
+        if cfg.pmems:
+            policies.append(Pmem.seccomp_policy)
         if not cfg.no_rng:
             policies.append(Rng.seccomp_policy)
         if cfg.virtio_consoles():
@@ -252,6 +259,8 @@ class Vm:
                               sparse=disk.sparse)
             self.pci.add_virtio(Block(image, disk.block_size,
                                       disk.id.encode() if disk.id is not None else None))
+        for params in cfg.pmems:
+            self.pci.add_virtio(self._pmem(params.path, params.ro))
         if not cfg.no_rng:
             self.pci.add_virtio(Rng())
         for params in cfg.virtio_consoles():
@@ -275,6 +284,24 @@ class Vm:
         self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
         for device in self.extra_pci_devices:
             self.pci.add(device)
+
+    def _pmem(self, path: str, read_only: bool) -> Pmem:
+        """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""
+        pmem_file = PmemFile(path, read_only)
+        try:
+            address = self.pci.allocate_high(pmem_file.size, ADDRESS_ALIGN)
+        except ValueError as e:
+            pmem_file.close()
+            raise DiskError(f"pmem {path}: does not fit the guest address space: {e}") from e
+        try:
+            self.vm.add_memory_region(address, pmem_file.size, pmem_file.host_address,
+                                      read_only=read_only)
+        except BaseException:
+            pmem_file.close()
+            raise
+        device = Pmem(pmem_file, address)  # closed with the PCI devices
+        log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
+        return device
 
     def _load(self) -> None:
         cfg = self.cfg
