@@ -95,6 +95,7 @@ class PciSetup:
         self.devices: list[PciDevice] = []
         self._events: list = []
         self._bar_maps: dict[int, list[BarMapping]] = {}  # id(bus-side device) -> its BARs
+        self._reserved: list[tuple[int, int]] = []  # [start, end) of non-BAR memory (pmem)
         self.root.on_config_write = self._config_written
         io_bus.insert(PciConfigIo(self.root, reset_port), PCI_CONFIG_IO_PORT, 8)
         mmio_bus.insert(PciConfigMmio(self.root), L.PCIE_ECAM_START, L.PCIE_ECAM_SIZE)
@@ -105,7 +106,9 @@ class PciSetup:
     def allocate_high(self, size: int, align: int) -> int:
         """Guest addresses in the high MMIO window for memory that is not a BAR (a pmem
         region, as crosvm places them): inside the root bridge's window, never RAM."""
-        return self.high.allocate(size, align)
+        address = self.high.allocate(size, align)
+        self._reserved.append((address, address + size))  # no BAR may be moved over it
+        return address
 
     def _allocate_irq(self) -> int:
         # Round-robin over IOAPIC pins 9-23; lines are shared beyond 15 devices.
@@ -208,10 +211,13 @@ class PciSetup:
                     self._remap(target, m, want)
 
     def _bar_window_ok(self, bar: PciBar, address: int) -> bool:
-        """Only inside the MMIO windows the DSDT gives the root bridge."""
+        """Only inside the MMIO windows the DSDT gives the root bridge, and never over
+        memory the VMM placed there (a pmem region's KVM slot would shadow the BAR)."""
         end = address + bar.size
         low_ok = self.low.base <= address and end <= self.low.end
         high_ok = self.high.base <= address and end <= self.high.end
+        if any(start < end and address < stop for start, stop in self._reserved):
+            return False
         return low_ok or (bar.type is BarType.MEM64 and high_ok)
 
     def _remap(self, device: PciDevice, m: BarMapping, want: int | None) -> None:
