@@ -190,11 +190,12 @@ class QueueWorker:
         self._handle = handle
         self._extra = extra or []
         self._errors = RateLimitedLog(log)
+        self._ep: select.epoll | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        ep = select.epoll()
+        ep = self._ep = select.epoll()
         actions: dict[int, Callable[[], None]] = {}
         for index, event in self._queue_events:
             actions[event.fd] = (lambda i=index, e=event: (e.wait(), self._serve(i, e)))
@@ -230,6 +231,13 @@ class QueueWorker:
             raise
         except Exception:  # a device bug must not take the VMM down; log and go on
             self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
+
+    def watch(self, fd: int, enabled: bool) -> None:
+        """Start or stop waiting on one of the `extra` fds; only from the worker's own
+        callbacks. A device with nowhere to put input stops polling its source (leaving
+        it to the source's own bounded queue) instead of spinning on it."""
+        if self._ep is not None:
+            self._ep.modify(fd, select.EPOLLIN if enabled else 0)
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""
