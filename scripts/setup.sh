@@ -2,6 +2,7 @@
 # Installs what pycrosvm needs on a fresh Debian machine: busybox-static (the test
 # guest's userspace), e2fsprogs (mkfs.ext4/debugfs for the disk tests) and the package
 # itself with its test dependencies; libseccomp2 compiles the devices' seccomp filters.
+# pyroute2 (a package dependency) configures the host side of `--net host-ip=` TAPs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ fi
 
 # Install the package (editable, from this checkout) unless it is already installed from here.
 here=$PWD
-if ! (cd / && python3 -c 'import os, sys, crosvm, pytest, hypothesis
+if ! (cd / && python3 -c 'import os, sys, crosvm, pytest, hypothesis, pyroute2
 sys.exit(os.path.dirname(os.path.dirname(crosvm.__file__)) != sys.argv[1])' "$here") 2>/dev/null; then
     python3 -m pip install -q -e '.[test]'
 fi

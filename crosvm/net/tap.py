@@ -144,3 +144,30 @@ def configure_host(name: str, host_ip: str, netmask: str) -> None:
 def mac_text(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
+
+
+VHOST_NET_DEVICE = "/dev/vhost-net"
+
+
+def open_net_taps(params) -> "tuple[Tap, bytes | None]":
+    """The TAP a `--net` option names (a `config.NetOption`), opened and, for host-ip=,
+    created and configured; plus the guest's MAC."""
+    from crosvm.devices.virtio.net_proto import parse_mac
+    if params.vhost_net:
+        if not os.path.exists(VHOST_NET_DEVICE):
+            raise TapError(f"net: vhost-net=true needs {VHOST_NET_DEVICE}, which does not "
+                           "exist on this host (load the vhost_net module, or drop vhost-net)")
+        raise TapError(f"net: vhost-net=true is not supported yet ({VHOST_NET_DEVICE} exists, "
+                       "but pycrosvm serves the queues itself; drop vhost-net)")
+    mac = parse_mac(params.mac) if params.mac is not None else None
+    if params.tap_fd is not None:
+        return Tap.from_fd(params.tap_fd), mac
+    if params.tap_name is not None:
+        return Tap.open(params.tap_name, params.vq_pairs), mac
+    tap = Tap.open("", params.vq_pairs)
+    try:
+        configure_host(tap.name, params.host_ip, params.netmask)
+    except BaseException:
+        tap.close()
+        raise
+    return tap, mac

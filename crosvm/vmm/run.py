@@ -28,11 +28,13 @@ from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
+from crosvm.devices.virtio.net import Net
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, RawDisk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
+from crosvm.net.tap import TapError, open_net_taps
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
@@ -140,6 +142,8 @@ class Vm:
             policies.append(Rng.seccomp_policy)
         if cfg.virtio_consoles():
             policies.append(Console.seccomp_policy)
+        if cfg.nets:
+            policies.append(Net.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
@@ -264,6 +268,9 @@ class Vm:
                 fds.append(in_fd)
                 start = _input_starter(in_fd, console, f"console{params.num}_input")
             self.pci.add_virtio(console, fds, start)
+        for i, params in enumerate(cfg.nets):
+            tap, mac = open_net_taps(params)
+            self.pci.add_virtio(Net(tap.fds, mac, mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -369,7 +376,7 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, OSError) as e:
+    except (KvmError, GuestMemoryError, SerialError, TapError, OSError) as e:
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))
