@@ -119,6 +119,16 @@ def test_transmit_sends_header_and_frame_to_the_tap(rig_factory):
     assert tap_recv(rig.host[0]) == P.VnetHeader().pack() + FRAME
 
 
+def test_transmit_of_a_header_split_across_buffers_sends_it_whole(rig_factory):
+    rig = rig_factory()
+    raw = P.VnetHeader().pack()
+
+    rig.tx.add_buffers([raw[:5], raw[5:] + FRAME[:10], FRAME[10:]], [])
+    rig.kick(1)
+
+    assert tap_recv(rig.host[0]) == raw + FRAME
+
+
 def test_transmit_passes_a_negotiated_tso4_header_through(rig_factory):
     rig = rig_factory(features=CSUM_TSO)
     hdr = P.VnetHeader(P.HDR_F_NEEDS_CSUM, P.GSO_TCPV4, 54, 1448, 34, 16)

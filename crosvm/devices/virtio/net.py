@@ -200,16 +200,23 @@ class _NetWorker:
             self.stats.tx_bad_chains += 1
             _guest_log.warning("%s: dropping a transmit chain of %d bytes", self.dev.label, total)
             return 0
-        reader = Reader(self.mem, chain)
-        raw = reader.read(P.VNET_HDR_LEN)
         frame_len = total - P.VNET_HDR_LEN
+        addr, first = chain.readable[0]
+        if first >= P.VNET_HDR_LEN:  # the usual layout: the header at the start of a buffer
+            raw = bytes(self.mem.slice(addr, P.VNET_HDR_LEN))
+            views = [self.mem.slice(a, n) for a, n in chain.readable[1:]]
+            if first > P.VNET_HDR_LEN:
+                views.insert(0, self.mem.slice(addr + P.VNET_HDR_LEN, first - P.VNET_HDR_LEN))
+        else:
+            reader = Reader(self.mem, chain)
+            raw = reader.read(P.VNET_HDR_LEN)
+            views = reader.views(frame_len)
         try:
             P.check_tx_header(P.VnetHeader.unpack(raw), frame_len, self.acked)
         except P.HeaderError as e:
             self.stats.tx_bad_headers += 1
             _guest_log.warning("%s: dropping a transmitted frame: %s", self.dev.label, e)
             return 0
-        views = reader.views(frame_len)
         if len(views) > MAX_IOVECS:
             views = [b"".join(bytes(v) for v in views)]
         try:
