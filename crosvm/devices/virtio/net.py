@@ -310,18 +310,13 @@ class _NetWorker:
                 # Without mergeable buffers a frame needs one chain that holds it all.
                 self.stats.rx_dropped_no_room += 1
                 return True  # the chain stays reserved for the next frame
-        header = struct.pack("<H", len(chains))
+        # The TAP leaves num_buffers (the header's last 2 bytes) for us to fill.
+        struct.pack_into("<H", frame, P.VNET_HDR_LEN - 2, len(chains))
         pos = 0
-        for i, chain in enumerate(chains):
+        for chain in chains:
             writer = Writer(self.mem, chain)
             take = min(need - pos, writer.available_bytes())
-            if i == 0:
-                # The TAP leaves num_buffers (the header's last 2 bytes) for us to fill.
-                writer.write(frame[:P.VNET_HDR_LEN - 2])
-                writer.write(header)
-                writer.write(frame[P.VNET_HDR_LEN:take])
-            else:
-                writer.write(frame[pos:pos + take])
+            writer.write(frame[pos:pos + take])
             pos += take
             queue.add_used(self.mem, chain.index, take)
         del held[:len(chains)]
