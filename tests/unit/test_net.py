@@ -36,18 +36,19 @@ class Rig:
     """A Net device on a socketpair, its rx/tx/ctrl queues driven from plain memory."""
 
     def __init__(self, features: int = 0, mrg_rxbuf: bool = False, pairs: int = 1,
-                 queue_size: int = 16) -> None:
+                 queue_size: int = 16, stream: bool = False) -> None:
         self.mem = GuestMemory([(0, 64 << 20)])
         self.host: list[socket.socket] = []
         fds = []
         for _ in range(pairs):
-            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            a, b = socket.socketpair(socket.AF_UNIX,
+                                     socket.SOCK_STREAM if stream else socket.SOCK_SEQPACKET)
             a.setblocking(False)
             self.host.append(b)
             fds.append(a.detach())
         self.offloads: list[tuple[int, int]] = []
         self.net = Net(fds, mac=bytes.fromhex("52540012345a"), mrg_rxbuf=mrg_rxbuf,
-                       queue_size=queue_size,
+                       queue_size=queue_size, stream=stream,
                        set_offload=lambda fd, flags: self.offloads.append((fd, flags)))
         self.net.ack_features(BASE_FEATURES | features)
         self.drivers = [QueueDriver(self.mem, size=queue_size, base=(1 + 8 * i) << 20)
@@ -327,3 +328,76 @@ def test_features_offer_mac_status_mtu_and_offloads_but_mrg_only_when_asked():
         b.close()
     wanted = (1 << P.F_MAC | 1 << P.F_STATUS | 1 << P.F_MTU | P.OFFLOAD_FEATURES)
     assert (bits & wanted, bits >> P.F_MRG_RXBUF & 1) == (wanted, 0)
+
+
+# -- stream backend (passt's socket: length-prefixed frames, no vnet header) ----------
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, "stream closed early"
+        out += chunk
+    return out
+
+
+def test_stream_transmit_sends_the_frame_length_prefixed_without_a_header(rig_factory):
+    rig = rig_factory(stream=True)
+
+    transmit(rig, P.VnetHeader(), FRAME)
+
+    assert read_exactly(rig.host[0], 4 + len(FRAME)) == struct.pack(">I", len(FRAME)) + FRAME
+
+
+def test_stream_receive_reassembles_a_frame_that_arrives_in_pieces(rig_factory):
+    rig = rig_factory(stream=True)
+    _, (addr,) = rig.rx.add_buffers([], [2048])
+    rig.kick(0)
+    data = struct.pack(">I", len(FRAME)) + FRAME
+
+    rig.host[0].send(data[:3])
+    rig.host[0].send(data[3:500])
+    rig.host[0].send(data[500:])
+
+    used = rig.used(rig.rx, 1)
+    got = rig.mem.read(addr, P.VNET_HDR_LEN + len(FRAME))
+    assert (used, got) == ([(0, P.VNET_HDR_LEN + len(FRAME))],
+                           P.VnetHeader(num_buffers=1).pack() + FRAME)
+
+
+def test_stream_transmit_to_a_full_socket_keeps_every_frame_whole(rig_factory):
+    rig = rig_factory(stream=True, queue_size=256)
+    frames = 120   # ~4 MiB: several times what the socket buffers hold
+    for i in range(frames):
+        rig.tx.add_buffers([P.VnetHeader().pack(), struct.pack("<I", i) + FRAME * 32], [])
+    rig.kick(1)
+
+    got = []
+    for _ in range(frames):
+        (length,) = struct.unpack(">I", read_exactly(rig.host[0], 4))
+        got.append((length, struct.unpack("<I", read_exactly(rig.host[0], length)[:4])[0]))
+
+    assert got == [(4 + len(FRAME) * 32, i) for i in range(frames)]
+
+
+def test_stream_peer_sending_a_bad_length_is_cut_off(rig_factory):
+    rig = rig_factory(stream=True)
+    rig.rx.add_buffers([], [2048])
+    rig.kick(0)
+
+    rig.host[0].send(struct.pack(">I", P.MAX_FRAME_LEN + 1) + FRAME)
+    rig.host[0].send(struct.pack(">I", len(FRAME)) + FRAME)
+    transmit(rig, P.VnetHeader(), FRAME)
+
+    assert (rig.used(rig.tx, 1), rig.rx.used()) == ([(0, 0)], [])
+
+
+def test_stream_backend_offers_no_offloads():
+    a, b = socket.socketpair()
+    net = Net([a.detach()], stream=True, set_offload=lambda fd, flags: None)
+    try:
+        bits = net.features()
+    finally:
+        net.close()
+        b.close()
+    assert bits & (P.OFFLOAD_FEATURES | 1 << P.F_CTRL_GUEST_OFFLOADS) == 0

@@ -66,7 +66,7 @@ class Net(V.VirtioDevice):
     def __init__(self, tap_fds: list[int], mac: bytes | None = None, mtu: int = P.DEFAULT_MTU,
                  mrg_rxbuf: bool = False, queue_size: int = QUEUE_SIZE,
                  set_offload: Callable[[int, int], None] | None = None,
-                 label: str = "net") -> None:
+                 label: str = "net", stream: bool = False) -> None:
         if not tap_fds:
             raise ValueError("virtio-net needs at least one TAP fd")
         if mac is not None and len(mac) != 6:
@@ -83,6 +83,11 @@ class Net(V.VirtioDevice):
         self.queue_size = queue_size
         self._set_offload = set_offload
         self.label = label
+        # stream: a byte stream of frames each prefixed by its 32-bit big-endian length
+        # and without a vnet header (passt's qemu socket): no offloads, one pair.
+        self.stream = stream
+        if stream and self.pairs != 1:
+            raise ValueError("a stream backend has one queue pair")
         self.acked_features = 0
         self.offload_flags = 0
         self.stats = NetStats()
@@ -97,8 +102,9 @@ class Net(V.VirtioDevice):
         return list(self.tap_fds)
 
     def features(self) -> int:
-        bits = (V.BASE_FEATURES | P.OFFLOAD_FEATURES | 1 << P.F_MTU | 1 << P.F_STATUS
-                | 1 << P.F_CTRL_VQ | 1 << P.F_CTRL_GUEST_OFFLOADS)
+        bits = V.BASE_FEATURES | 1 << P.F_MTU | 1 << P.F_STATUS | 1 << P.F_CTRL_VQ
+        if not self.stream:
+            bits |= P.OFFLOAD_FEATURES | 1 << P.F_CTRL_GUEST_OFFLOADS
         if self.mac is not None:
             bits |= 1 << P.F_MAC
         if self.mrg_rxbuf:
@@ -113,6 +119,8 @@ class Net(V.VirtioDevice):
     def _apply_offload(self, flags: int) -> bool:
         """TUNSETOFFLOAD on every queue; without UFO if the kernel refuses it. A TAP
         that refuses all offloads sends plain frames, which any driver accepts."""
+        if self.stream:
+            return flags == 0
         for attempt in (flags, flags & ~P.TUN_F_UFO):
             try:
                 for fd in self.tap_fds:
@@ -132,10 +140,10 @@ class Net(V.VirtioDevice):
                 if pair == 0:
                     raise ValueError("virtio-net needs receiveq1 and transmitq1")
         self._apply_offload(P.tap_offload_flags(self.acked_features))
-        worker = _NetWorker(self, mem, interrupt, by_index)
+        worker = _NetWorker(self, mem, interrupt, by_index, {i: e for i, _, e in queues})
         self.worker = V.QueueWorker(
             "v_net", interrupt, [(i, e) for i, _, e in queues], worker.handle,
-            extra=[(fd, lambda j=j: worker.tap_readable(j)) for j, fd in enumerate(self.tap_fds)])
+            extra=[(fd, lambda j=j: worker.backend_ready(j)) for j, fd in enumerate(self.tap_fds)])
         worker.queue_worker = self.worker
 
     def reset(self) -> bool:
@@ -154,11 +162,12 @@ class _NetWorker:
     """Per-activation state: queues, the per-pair frame buffers, the active pair count."""
 
     def __init__(self, dev: Net, mem: GuestMemory, interrupt: V.Interrupt,
-                 queues: dict[int, Queue]) -> None:
+                 queues: dict[int, Queue], events: dict[int, Event]) -> None:
         self.dev = dev
         self.mem = mem
         self.interrupt = interrupt
         self.queues = queues
+        self.events = events
         self.stats = dev.stats
         self.acked = dev.acked_features
         self.mrg = bool(self.acked >> P.F_MRG_RXBUF & 1)
@@ -167,6 +176,10 @@ class _NetWorker:
         self.buffers = [bytearray(FRAME_BUFFER) for _ in dev.tap_fds]
         self.pending: list[int] = [0] * len(dev.tap_fds)  # bytes of a frame not yet delivered
         self.paused = [False] * len(dev.tap_fds)
+        self.stream = dev.stream
+        self.stream_have = [0] * len(dev.tap_fds)   # bytes of length prefix + frame read
+        self.tx_backlog: list[bytes] = [b""] * len(dev.tap_fds)  # unsent end of one frame
+        self.dead = [False] * len(dev.tap_fds)    # the stream's peer went away
         self.reserved: dict[int, list[DescriptorChain]] = {}  # rx chains held for one frame
         self.queue_worker: V.QueueWorker | None = None
 
@@ -179,8 +192,14 @@ class _NetWorker:
             return False
         if is_tx:
             fd = self.dev.tap_fds[pair]
+            if self.dead[pair]:  # nowhere to send: give the buffers back, counted
+                return V.process_queue(self.mem, self.queues[index], self.interrupt,
+                                       self._drop_tx)
+            if self.tx_backlog[pair]:
+                return False  # resumed once the stream has room again
             return V.process_queue(self.mem, self.queues[index], self.interrupt,
-                                   lambda chain: self.transmit(fd, chain))
+                                   lambda chain: self.transmit(fd, chain),
+                                   want=lambda: not self.tx_backlog[pair])
         # New receive buffers: whatever waited for them may go now.
         for tap in range(len(self.dev.tap_fds)):
             if self._rx_queue_for(tap) == index:
@@ -219,6 +238,9 @@ class _NetWorker:
             return 0
         if len(views) > MAX_IOVECS:
             views = [b"".join(bytes(v) for v in views)]
+        if self.stream:
+            self._send_stream(fd, struct.pack(">I", frame_len), views)
+            return 0
         try:
             os.writev(fd, [raw, *views])  # our copy of the header: checked is what is sent
         except BlockingIOError:
@@ -234,6 +256,86 @@ class _NetWorker:
         self.stats.tx_frames += 1
         return 0
 
+    def _drop_tx(self, chain: DescriptorChain) -> int:
+        self.stats.tx_tap_errors += 1
+        return 0
+
+    def _send_stream(self, fd: int, prefix: bytes, views: list) -> None:
+        """Send one length-prefixed frame; what the socket does not take now is kept
+        (one frame at most) and the transmit queue waits until the socket has room."""
+        tap = self.dev.tap_fds.index(fd)
+        total = len(prefix) + sum(len(v) for v in views)
+        try:
+            sent = os.writev(fd, [prefix, *views])
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._stream_gone(tap, f"send failed: {e}")
+            return
+        self.stats.tx_frames += 1
+        if sent < total:
+            self.tx_backlog[tap] = b"".join([prefix, *(bytes(v) for v in views)])[sent:]
+            self._update_watch(tap)
+
+    def _stream_gone(self, tap: int, why: str) -> None:
+        if not self.dead[tap]:
+            log.error("%s: the network backend's socket is gone (%s); the guest's link is "
+                      "down", self.dev.label, why)
+        self.dead[tap] = True
+        self.tx_backlog[tap] = b""
+        self._update_watch(tap)
+
+    def _update_watch(self, tap: int) -> None:
+        if self.queue_worker is not None:
+            dead = self.dead[tap]
+            self.queue_worker.watch(self.dev.tap_fds[tap], not dead and not self.paused[tap],
+                                    not dead and bool(self.tx_backlog[tap]))
+
+    def backend_ready(self, tap: int) -> None:
+        """The TAP or stream socket is readable (or, with output held, writable)."""
+        if self.tx_backlog[tap]:
+            try:
+                sent = os.write(self.dev.tap_fds[tap], self.tx_backlog[tap])
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._stream_gone(tap, f"send failed: {e}")
+                return
+            self.tx_backlog[tap] = self.tx_backlog[tap][sent:]
+            if not self.tx_backlog[tap]:
+                self._update_watch(tap)
+                if self.handle(2 * tap + 1):  # the transmit queue waited for this
+                    self.events[2 * tap + 1].signal()  # more than one turn's budget
+        if not self.paused[tap] and not self.dead[tap]:
+            self.tap_readable(tap)
+
+    def _read_frame(self, tap: int, fd: int) -> int:
+        """The next whole frame in the pair's buffer (vnet header first): its length,
+        or 0 when none is ready yet. Raises BlockingIOError when nothing was read."""
+        buf = self.buffers[tap]
+        if not self.stream:
+            return os.readv(fd, [buf])
+        # Stream: a 4-byte length at buf[8:12], then the frame at buf[12:] right behind
+        # a vnet header of zeros (no offloads on a stream).
+        have = self.stream_have[tap]
+        want = 4 if have < 4 else 4 + struct.unpack_from(">I", buf, 8)[0]
+        n = os.readv(fd, [memoryview(buf)[8 + have:8 + want]])
+        if n == 0:
+            self._stream_gone(tap, "the peer closed it")
+            raise BlockingIOError
+        have += n
+        if have == 4:
+            length = struct.unpack_from(">I", buf, 8)[0]
+            if not P.ETH_MIN_LEN <= length <= P.MAX_FRAME_LEN:
+                self._stream_gone(tap, f"it sent a frame length of {length}")
+                raise BlockingIOError
+        self.stream_have[tap] = have
+        if have < 4 or have < 4 + struct.unpack_from(">I", buf, 8)[0]:
+            return 0
+        self.stream_have[tap] = 0
+        buf[:P.VNET_HDR_LEN] = bytes(P.VNET_HDR_LEN)
+        return have - 4 + P.VNET_HDR_LEN
+
     # -- receive ----------------------------------------------------------------
     def tap_readable(self, tap: int) -> None:
         """Move frames from TAP queue `tap` to the guest until either runs out (at most
@@ -246,12 +348,14 @@ class _NetWorker:
         for _ in range(2 * queue.size):
             if not self.pending[tap]:
                 try:
-                    n = os.readv(fd, [self.buffers[tap]])
+                    n = self._read_frame(tap, fd)
                 except BlockingIOError:
                     break
                 except OSError as e:
                     _guest_log.warning("%s: TAP read failed: %s", self.dev.label, e)
                     break
+                if n == 0 and self.stream:
+                    continue  # part of a frame; the rest is still on its way
                 if n < P.VNET_HDR_LEN + P.ETH_MIN_LEN:
                     continue
                 self.pending[tap] = n
@@ -269,8 +373,8 @@ class _NetWorker:
     def _pause(self, tap: int, fd: int, paused: bool) -> None:
         if self.paused[tap] == paused or self.queue_worker is None:
             return  # (None: the worker is still starting; the next turn tries again)
-        self.queue_worker.watch(fd, not paused)
         self.paused[tap] = paused
+        self._update_watch(tap)
 
     def _next_chain(self, index: int, queue: Queue, taken: int) -> DescriptorChain | None:
         held = self.reserved.setdefault(index, [])

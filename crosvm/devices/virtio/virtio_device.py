@@ -232,12 +232,14 @@ class QueueWorker:
         except Exception:  # a device bug must not take the VMM down; log and go on
             self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
 
-    def watch(self, fd: int, enabled: bool) -> None:
-        """Start or stop waiting on one of the `extra` fds; only from the worker's own
-        callbacks. A device with nowhere to put input stops polling its source (leaving
-        it to the source's own bounded queue) instead of spinning on it."""
+    def watch(self, fd: int, readable: bool, writable: bool = False) -> None:
+        """Choose what to wait for on one of the `extra` fds (its callback runs for
+        either); only from the worker's own callbacks. A device with nowhere to put
+        input stops polling its source (leaving it to the source's own bounded queue)
+        instead of spinning on it, and waits for room only while output is held."""
         if self._ep is not None:
-            self._ep.modify(fd, select.EPOLLIN if enabled else 0)
+            self._ep.modify(fd, (select.EPOLLIN if readable else 0)
+                            | (select.EPOLLOUT if writable else 0))
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""
