@@ -59,6 +59,8 @@ class NetOption:
     vhost_net: bool = False
     vq_pairs: int = 1
     mrg_rxbuf: bool = False
+    passt: bool = False
+    passt_socket: str | None = None
 
 
 MAX_NET_VQ_PAIRS = 16
@@ -138,16 +140,21 @@ def validate_disks(disks: list[DiskOption]) -> None:
 
 
 def validate_nets(nets: list[NetOption]) -> None:
-    """crosvm's --net rules: exactly one of tap-name, tap-fd, or host-ip+netmask+mac."""
+    """crosvm's --net rules: exactly one of tap-name, tap-fd, host-ip+netmask+mac (or
+    our passt / passt-socket)."""
     from crosvm.devices.virtio.net_proto import parse_mac
     from crosvm.net.tap import prefix_length
     import ipaddress
     for n in nets:
         modes = [k for k, v in (("tap-name", n.tap_name), ("tap-fd", n.tap_fd),
-                                ("host-ip", n.host_ip)) if v is not None]
+                                ("host-ip", n.host_ip), ("passt", n.passt or None),
+                                ("passt-socket", n.passt_socket)) if v is not None]
         if len(modes) != 1:
-            raise ConfigError("net: give exactly one of tap-name=, tap-fd= or "
-                              f"host-ip=,netmask=,mac= (got {', '.join(modes) or 'none'})")
+            raise ConfigError("net: give exactly one of tap-name=, tap-fd=, "
+                              "host-ip=,netmask=,mac=, passt or passt-socket= "
+                              f"(got {', '.join(modes) or 'none'})")
+        if modes[0].startswith("passt") and (n.vq_pairs != 1 or n.vhost_net):
+            raise ConfigError("net: passt gives one queue pair and no vhost-net")
         if n.host_ip is not None:
             if n.netmask is None or n.mac is None:
                 raise ConfigError("net: host-ip= needs netmask= and mac= too")

@@ -2,13 +2,14 @@
 # Installs what pycrosvm needs on a fresh Debian machine: busybox-static (the test
 # guest's userspace), e2fsprogs (mkfs.ext4/debugfs for the disk tests) and the package
 # itself with its test dependencies; libseccomp2 compiles the devices' seccomp filters.
-# pyroute2 (a package dependency) configures the host side of `--net host-ip=` TAPs.
+# pyroute2 (a package dependency) configures the host side of `--net host-ip=` TAPs;
+# passt gives `--net passt` its user-mode network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The initramfs needs a static busybox (Debian's busybox-static puts it at /bin/busybox).
 missing=()
-for pkg in busybox-static e2fsprogs libseccomp2; do
+for pkg in busybox-static e2fsprogs libseccomp2 passt; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -73,6 +73,9 @@ NET_SCHEMA = Schema([
     Field("vhost-net", "bool", False, "move the queues into the kernel (/dev/vhost-net)"),
     Field("vq-pairs", "int", 1, "number of RX/TX queue pairs (multiqueue)"),
     Field("mrg-rxbuf", "bool", False, "offer mergeable receive buffers"),
+    Field("passt", "bool", False, "user-mode networking: start passt (no root, no TAP)"),
+    Field("passt-socket", "path", None, "user-mode networking through a running passt's "
+          "socket"),
 ], first_key_optional=False)
 
 CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
@@ -107,7 +110,7 @@ RUN_OPTIONS: list[Option] = [
            schema=OLD_DISK_SCHEMA, deprecated="--block PATH,root", in_config=False,
            implied={"ro": False, "root": True}, metavar="PATH"),
     Option("net", "keyvalue", "a virtio-net device on a TAP (may repeat)", multi=True,
-           schema=NET_SCHEMA, metavar="tap-name=NAME|tap-fd=N|host-ip=IP,netmask=M,mac=MAC"),
+           schema=NET_SCHEMA, metavar="tap-name=NAME|tap-fd=N|host-ip=IP,netmask=M,mac=MAC|passt"),
     Option("tap-name", "value", "TAP by name", key="legacy-tap-name", multi=True,
            deprecated="--net tap-name=NAME", in_config=False, metavar="NAME"),
     Option("tap-fd", "value", "TAP by fd", key="legacy-tap-fd", multi=True, value_type="int",

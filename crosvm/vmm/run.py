@@ -29,11 +29,13 @@ from crosvm.devices.serial_device import InputThread, SerialError, open_input, o
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.net import Net
+from crosvm.devices.virtio.net_proto import parse_mac
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, RawDisk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
+from crosvm.net.passt import Passt, PasstError
 from crosvm.net.tap import TapError, open_net_taps
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
@@ -269,6 +271,9 @@ class Vm:
                 start = _input_starter(in_fd, console, f"console{params.num}_input")
             self.pci.add_virtio(console, fds, start)
         for i, params in enumerate(cfg.nets):
+            if params.passt or params.passt_socket:
+                self.pci.add_virtio(self._passt_net(params, f"net{i}"))
+                continue
             tap, mac = open_net_taps(params)
             self.pci.add_virtio(Net(tap.fds, mac, mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
 
@@ -280,6 +285,14 @@ class Vm:
         self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
         for device in self.extra_pci_devices:
             self.pci.add(device)
+
+    def _passt_net(self, params, label: str) -> Net:
+        passt = Passt(params.passt_socket)
+        self._closers.append(passt.close)
+        passt.watch()
+        mac = parse_mac(params.mac) if params.mac is not None else None
+        return Net([os.dup(passt.fd)], mac, mrg_rxbuf=params.mrg_rxbuf, label=label,
+                   stream=True)
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -376,7 +389,7 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, TapError, OSError) as e:
+    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, OSError) as e:
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))

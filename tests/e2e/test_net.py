@@ -1,10 +1,12 @@
-"""End-to-end virtio-net: one sandboxed VM with two NICs, all inside its own netns.
+"""End-to-end virtio-net: one sandboxed VM with three NICs, all inside its own netns.
 
 crosvm runs under `ip netns exec` in a namespace this module creates, so every frame
 stays in it. eth0 is a TAP the test opened itself (`--net tap-fd=`, with mrg-rxbuf);
-eth1 is one crosvm creates and addresses (`--net host-ip=`, vq-pairs=2). The guest
-pings the host and back, moves files over TCP both ways with busybox nc, and shows
-what was negotiated in sysfs.
+eth1 is one crosvm creates and addresses (`--net host-ip=`, vq-pairs=2); eth2 is
+user-mode networking through a passt crosvm starts (`--net passt`), which copies its
+addresses from a veth in the namespace. The guest pings the host and back, moves files
+over TCP both ways with busybox nc, gets an address by DHCP from passt and fetches a
+file from the namespace's loopback through it, and shows what was negotiated in sysfs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ CLONE_NEWNET = 0x40000000
 MAC0, MAC1 = "52:54:00:12:34:01", "52:54:00:12:34:02"
 HOST0, GUEST0 = "10.77.0.1", "10.77.0.2"
 HOST1, GUEST1 = "10.78.0.1", "10.78.0.2"
+# passt copies the namespace's address and gateway for the guest, and maps the gateway
+# to the namespace's loopback.
+PASST_ADDR, PASST_GW = "10.88.0.5", "10.88.0.1"
+HTTP_PORT = 8088
+DHCP_SCRIPT = ("printf '%s\\n' '#!/bin/sh' '[ \"$1\" = bound ] || exit 0' "
+               "'ifconfig $interface $ip netmask $subnet' 'route add default gw $router' "
+               "> /tmp/dhcp.sh && chmod +x /tmp/dhcp.sh")
 TRANSFER_TIMEOUT = 600.0
 
 # A one-connection TCP peer run inside the namespace: `send PORT FILE` serves the file,
@@ -96,6 +105,12 @@ def netns():
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         in_ns(name, "ip", "link", "set", "lo", "up", check=True)
+        # passt's template: an interface with an address and a default route.
+        for cmd in (["ip", "link", "add", "pv0", "type", "veth", "peer", "name", "pv1"],
+                    ["ip", "addr", "add", f"{PASST_ADDR}/24", "dev", "pv0"],
+                    ["ip", "link", "set", "pv0", "up"], ["ip", "link", "set", "pv1", "up"],
+                    ["ip", "route", "add", "default", "via", PASST_GW]):
+            in_ns(name, *cmd, check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -115,7 +130,8 @@ def vm(netns, tap0, kernel, initramfs, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
     fd = tap0.fds[0]
     extra = ("--net", f"tap-fd={fd},mac={MAC0},mrg-rxbuf",
-             "--net", f"host-ip={HOST1},netmask=255.255.255.0,mac={MAC1},vq-pairs=2")
+             "--net", f"host-ip={HOST1},netmask=255.255.255.0,mac={MAC1},vq-pairs=2",
+             "--net", "passt")
     with GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra,
                  pass_fds=(fd,), prefix=("ip", "netns", "exec", netns)) as g:
         g.wait_ready()
@@ -206,3 +222,33 @@ def test_multiqueue_nic_on_a_crosvm_created_tap_carries_traffic(vm):
     result = vm.run(f"ping -c 3 -W 10 {HOST1}")
 
     assert (result.returncode, "3 packets received" in result.stdout) == (0, True), result.stdout
+
+
+@pytest.fixture(scope="module")
+def http_server(netns, tmp_path_factory):
+    """A static HTTP server on the namespace's loopback: what passt's gateway maps to."""
+    root = tmp_path_factory.mktemp("www")
+    data = os.urandom(1 << 20)
+    (root / "file.bin").write_bytes(data)
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "http.server",
+                               "--bind", "127.0.0.1", "--directory", str(root),
+                               str(HTTP_PORT)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    yield hashlib.sha256(data).hexdigest()
+    server.kill()
+    server.wait()
+
+
+def test_passt_gives_the_guest_an_address_by_dhcp(vm):
+    result = vm.run(f"{DHCP_SCRIPT} && ip link set eth2 up && "
+                    "udhcpc -i eth2 -n -q -t 10 -T 3 -s /tmp/dhcp.sh && "
+                    "ip -4 -o addr show eth2", timeout=TRANSFER_TIMEOUT)
+
+    assert f"inet {PASST_ADDR}/24" in result.stdout, (result.stdout, result.stderr)
+
+
+def test_passt_guest_fetches_a_file_from_the_host_loopback(vm, http_server):
+    result = vm.run(f"wget -q -O /tmp/w.bin http://{PASST_GW}:{HTTP_PORT}/file.bin && "
+                    "sha256sum /tmp/w.bin", timeout=TRANSFER_TIMEOUT)
+
+    assert result.stdout.split()[:1] == [http_server], (result.stdout, result.stderr)

@@ -23,6 +23,12 @@ def test_net_tap_name_with_mac_vq_pairs_and_mrg_rxbuf():
                                   mrg_rxbuf=True)]
 
 
+def test_net_passt_is_a_bare_key():
+    cfg = config_from(["--net", "passt,mac=52:54:00:12:34:56", "k"])
+
+    assert cfg.nets == [NetOption(passt=True, mac="52:54:00:12:34:56")]
+
+
 def test_net_may_repeat():
     cfg = config_from(["--net", "tap-fd=5", "--net", "tap-name=t1", "k"])
 
@@ -66,6 +72,8 @@ def test_deprecated_tap_name_and_tap_fd_each_make_a_net():
     (["--net", "tap-name=a,vq-pairs=17"], "vq-pairs must be between"),
     (["--net", "tap-fd=3,vq-pairs=2"], "tap-fd= gives one queue"),
     (["--netmask", "255.255.255.0"], "exactly one of"),
+    (["--net", "passt,tap-name=a"], "exactly one of"),
+    (["--net", "passt,vq-pairs=2"], "passt gives one queue pair"),
 ])
 def test_invalid_net_options_are_config_errors(args, message):
     cfg = config_from(args + ["k"])
