@@ -73,7 +73,11 @@ class Passt:
             try:
                 sock.connect(path)
                 break
-            except (ConnectionRefusedError, FileNotFoundError):
+            except (ConnectionRefusedError, FileNotFoundError) as e:
+                if self.proc is None:  # a running passt's socket: it is there or not
+                    sock.close()
+                    raise PasstError(f"net: cannot connect to passt at {path}: "
+                                     f"{e.strerror}") from None
                 time.sleep(0.05)
             except OSError as e:
                 sock.close()

@@ -94,3 +94,18 @@ def test_tap_fd_that_is_not_a_tap_is_refused(tmp_path):
     with open(tmp_path / "f", "w") as f:
         with pytest.raises(TapError, match=f"tap-fd {f.fileno()} is not an open TAP"):
             open_net_taps(NetOption(tap_fd=f.fileno()))
+
+
+def test_net_passt_without_passt_installed_is_named(monkeypatch):
+    import crosvm.net.passt as passt
+    monkeypatch.setattr(passt.shutil, "which", lambda name: None)
+
+    with pytest.raises(passt.PasstError, match="passt is not installed"):
+        passt.Passt()
+
+
+def test_net_passt_socket_that_nobody_listens_on_is_named(tmp_path):
+    import crosvm.net.passt as passt
+
+    with pytest.raises(passt.PasstError, match="cannot connect to passt|does not accept"):
+        passt.Passt(str(tmp_path / "missing.sock"))
