@@ -351,8 +351,8 @@ class _NetWorker:
                     n = self._read_frame(tap, fd)
                 except BlockingIOError:
                     break
-                except OSError as e:
-                    _guest_log.warning("%s: TAP read failed: %s", self.dev.label, e)
+                except OSError as e:  # not EAGAIN: it would fail again on every wakeup
+                    self._stream_gone(tap, f"read failed: {e}")
                     break
                 if n == 0 and self.stream:
                     continue  # part of a frame; the rest is still on its way
