@@ -135,9 +135,10 @@ def vm(netns, tap0, kernel, initramfs, tmp_path_factory):
     with GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra,
                  pass_fds=(fd,), prefix=("ip", "netns", "exec", netns)) as g:
         g.wait_ready()
-        setup = g.run(f"ip link set eth0 up && ip addr add {GUEST0}/24 dev eth0 && "
-                      f"ip link set eth1 up && ip addr add {GUEST1}/24 dev eth1")
-        assert setup.returncode == 0, setup.stderr
+        for command in ("ip link set eth0 up", f"ip addr add {GUEST0}/24 dev eth0",
+                        "ip link set eth1 up", f"ip addr add {GUEST1}/24 dev eth1"):
+            setup = g.run(command)
+            assert setup.returncode == 0, (command, setup.stderr)
         yield g
 
 
