@@ -401,3 +401,17 @@ def test_stream_backend_offers_no_offloads():
         net.close()
         b.close()
     assert bits & (P.OFFLOAD_FEATURES | 1 << P.F_CTRL_GUEST_OFFLOADS) == 0
+
+
+def test_stream_peer_closing_takes_its_socket_out_of_the_worker_wait_set(rig_factory):
+    import time
+    rig = rig_factory(stream=True)
+    fd = rig.net.tap_fds[0]
+
+    rig.host[0].close()
+    rig.host.clear()
+
+    deadline = time.monotonic() + 5
+    while fd in rig.net.worker._watched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fd not in rig.net.worker._watched

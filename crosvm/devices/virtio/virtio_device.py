@@ -191,6 +191,7 @@ class QueueWorker:
         self._extra = extra or []
         self._errors = RateLimitedLog(log)
         self._ep: select.epoll | None = None
+        self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -203,6 +204,7 @@ class QueueWorker:
             actions[self._interrupt.intx.resample.fd] = self._interrupt.resample
         for fd, callback in self._extra:
             actions[fd] = callback
+            self._watched.add(fd)
         for fd in actions:
             ep.register(fd, select.EPOLLIN)
         ep.register(self.kill.fd, select.EPOLLIN)
@@ -237,9 +239,20 @@ class QueueWorker:
         either); only from the worker's own callbacks. A device with nowhere to put
         input stops polling its source (leaving it to the source's own bounded queue)
         instead of spinning on it, and waits for room only while output is held."""
-        if self._ep is not None:
-            self._ep.modify(fd, (select.EPOLLIN if readable else 0)
-                            | (select.EPOLLOUT if writable else 0))
+        if self._ep is None:
+            return
+        events = (select.EPOLLIN if readable else 0) | (select.EPOLLOUT if writable else 0)
+        # Waiting for nothing means leaving the set: epoll reports a hang-up whatever
+        # was asked for, and a closed peer would wake the worker forever.
+        if not events:
+            if fd in self._watched:
+                self._ep.unregister(fd)
+                self._watched.discard(fd)
+        elif fd in self._watched:
+            self._ep.modify(fd, events)
+        else:
+            self._ep.register(fd, events)
+            self._watched.add(fd)
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""
