@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from crosvm.cli.config_file import build_config, merge
@@ -109,3 +111,17 @@ def test_net_passt_socket_that_nobody_listens_on_is_named(tmp_path):
 
     with pytest.raises(passt.PasstError, match="cannot connect to passt|does not accept"):
         passt.Passt(str(tmp_path / "missing.sock"))
+
+
+def test_vhost_net_on_this_host_is_refused_naming_dev_vhost_net():
+    if os.path.exists("/dev/vhost-net"):
+        pytest.skip("this host has /dev/vhost-net; the missing-device error cannot be seen")
+
+    with pytest.raises(TapError, match="/dev/vhost-net, which does not exist"):
+        open_net_taps(NetOption(tap_name="a", vhost_net=True))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/vhost-net"),
+                    reason="no /dev/vhost-net on this machine: vhost-net cannot be exercised")
+def test_vhost_net_hands_the_queues_to_the_kernel():
+    pytest.fail("vhost-net=true is not implemented: the device serves its queues itself")
