@@ -143,11 +143,12 @@ class GuestVm:
                  mem: int = 256, params: tuple[str, ...] = (), extra_args: tuple[str, ...] = (),
                  console_hardware: str = "serial", mode: str = "agent",
                  env: dict[str, str] | None = None, entry: str = "crosvm",
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), prefix: tuple[str, ...] = ()) -> None:
         """`initrd=None` boots from a root disk in `extra_args`; `console_hardware`
         `virtio-console` makes hvc0 the console (written to `console_path`); `env` is
         added to crosvm's environment; `entry` is the module run as `python -m` (a test
-        entry point such as tests.support.probe_vmm)."""
+        entry point such as tests.support.probe_vmm); `prefix` is a command crosvm runs
+        under (`ip netns exec NS`)."""
         self.workdir = workdir
         self.console_path = os.path.join(workdir, "console.log")
         self.log_path = os.path.join(workdir, "crosvm.log")
@@ -158,7 +159,7 @@ class GuestVm:
             # crosvm adds console=hvc0 itself; ttyS0 must not win as /dev/console.
             host_cmdline = " ".join(w for w in host_cmdline.split() if w != "console=ttyS0")
         cmdline = " ".join((host_cmdline, f"pycrosvm.mode={mode}") + tuple(params))
-        self.args = [sys.executable, "-m", entry, "run",
+        self.args = [*prefix, sys.executable, "-m", entry, "run",
                      "--cpus", str(cpus), "--mem", str(mem),
                      *(("--initrd", initrd) if initrd else ()),
                      "--serial", f"type=file,path={self.console_path},num=1,console,"

@@ -28,12 +28,19 @@ from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
+<<<<<<< HEAD
 from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
+=======
+from crosvm.devices.virtio.net import Net
+from crosvm.devices.virtio.net_proto import parse_mac
+>>>>>>> net
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
+from crosvm.net.passt import Passt, PasstError
+from crosvm.net.tap import TapError, open_net_taps
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
@@ -148,6 +155,8 @@ class Vm:
             policies.append(Rng.seccomp_policy)
         if cfg.virtio_consoles():
             policies.append(Console.seccomp_policy)
+        if cfg.nets:
+            policies.append(Net.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
@@ -275,6 +284,12 @@ class Vm:
                 fds.append(in_fd)
                 start = _input_starter(in_fd, console, f"console{params.num}_input")
             self.pci.add_virtio(console, fds, start)
+        for i, params in enumerate(cfg.nets):
+            if params.passt or params.passt_socket:
+                self.pci.add_virtio(self._passt_net(params, f"net{i}"))
+                continue
+            tap, mac = open_net_taps(params)
+            self.pci.add_virtio(Net(tap.fds, mac, mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -285,6 +300,7 @@ class Vm:
         for device in self.extra_pci_devices:
             self.pci.add(device)
 
+<<<<<<< HEAD
     def _pmem(self, path: str, read_only: bool) -> Pmem:
         """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""
         pmem_file = PmemFile(path, read_only)
@@ -302,6 +318,15 @@ class Vm:
         device = Pmem(pmem_file, address)  # closed with the PCI devices
         log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
         return device
+=======
+    def _passt_net(self, params, label: str) -> Net:
+        passt = Passt(params.passt_socket)
+        self._closers.append(passt.close)
+        passt.watch()
+        mac = parse_mac(params.mac) if params.mac is not None else None
+        return Net([os.dup(passt.fd)], mac, mrg_rxbuf=params.mrg_rxbuf, label=label,
+                   stream=True)
+>>>>>>> net
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -400,7 +425,7 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, OSError) as e:
+    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, OSError) as e:
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))
