@@ -47,14 +47,15 @@ MAX_DISKS = 26
 
 
 @dataclass
-<<<<<<< HEAD
 class PmemOption:
     """One `--pmem` option (or a deprecated --pmem-device/--rw-pmem-device)."""
 
     path: str
     ro: bool = False
     root: bool = False
-=======
+
+
+@dataclass
 class NetOption:
     """One `--net` option: a TAP by name, by fd, or one pycrosvm creates (host-ip=)."""
 
@@ -71,7 +72,6 @@ class NetOption:
 
 
 MAX_NET_VQ_PAIRS = 16
->>>>>>> net
 
 
 def default_serial() -> SerialParameters:
@@ -98,11 +98,8 @@ class Config:
     seccomp_policy_dir: str | None = None  # None: the policies shipped with the package
     seccomp_log_failures: bool = False
     disks: list[DiskOption] = field(default_factory=list)
-<<<<<<< HEAD
     pmems: list[PmemOption] = field(default_factory=list)
-=======
     nets: list[NetOption] = field(default_factory=list)
->>>>>>> net
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -126,12 +123,9 @@ class Config:
             raise ConfigError(f"mem of {self.mem_mib} MiB is larger than this VMM supports")
         validate_serial(self.serial_ports())
         validate_disks(self.disks)
-<<<<<<< HEAD
         if sum(d.root for d in self.disks) + sum(p.root for p in self.pmems) > 1:
             raise ConfigError("only one block or pmem device can be the root device")
-=======
         validate_nets(self.nets)
->>>>>>> net
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]

@@ -14,11 +14,7 @@ from crosvm.base import boundedjson
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-<<<<<<< HEAD
-from crosvm.config import Config, DiskOption, PmemOption, SerialParameters
-=======
-from crosvm.config import Config, DiskOption, NetOption, SerialParameters
->>>>>>> net
+from crosvm.config import Config, DiskOption, NetOption, PmemOption, SerialParameters
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -188,15 +184,12 @@ def _build_config(values: dict[str, Any]) -> Config:
     for b in values.get("block", []):
         full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
         cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))
-<<<<<<< HEAD
     for p in values.get("pmem", []):
         cfg.pmems.append(PmemOption(**kv.with_defaults(BY_CONFIG_KEY["pmem"].schema, p, "pmem")))
-=======
     for n in values.get("net", []):
         full = kv.with_defaults(BY_CONFIG_KEY["net"].schema, n, "net")
         cfg.nets.append(NetOption(**{k.replace("-", "_"): v for k, v in full.items()}))
     cfg.nets += _legacy_nets(values)
->>>>>>> net
     return cfg
 
 

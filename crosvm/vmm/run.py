@@ -28,12 +28,9 @@ from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
-<<<<<<< HEAD
 from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
-=======
 from crosvm.devices.virtio.net import Net
 from crosvm.devices.virtio.net_proto import parse_mac
->>>>>>> net
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
@@ -300,7 +297,6 @@ class Vm:
         for device in self.extra_pci_devices:
             self.pci.add(device)
 
-<<<<<<< HEAD
     def _pmem(self, path: str, read_only: bool) -> Pmem:
         """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""
         pmem_file = PmemFile(path, read_only)
@@ -318,7 +314,7 @@ class Vm:
         device = Pmem(pmem_file, address)  # closed with the PCI devices
         log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
         return device
-=======
+
     def _passt_net(self, params, label: str) -> Net:
         passt = Passt(params.passt_socket)
         self._closers.append(passt.close)
@@ -326,7 +322,6 @@ class Vm:
         mac = parse_mac(params.mac) if params.mac is not None else None
         return Net([os.dup(passt.fd)], mac, mrg_rxbuf=params.mrg_rxbuf, label=label,
                    stream=True)
->>>>>>> net
 
     def _load(self) -> None:
         cfg = self.cfg
