@@ -56,8 +56,9 @@ def disks(mode, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def unread_pipe():
-    """COM3's output: a pipe the test leaves unread until it chooses to read it."""
+def unread_pipe(mode):
+    """COM3's output: a pipe the test leaves unread until it chooses to read it (one per
+    mode: the VM of each mode gets its own)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     yield r, w
     for fd in (r, w):
@@ -243,11 +244,11 @@ def test_read_only_disk_is_readable(vm):
 
 
 def test_hwrng_gives_bytes_from_virtio_rng(vm):
-    source = vm.run("cat /sys/devices/virtual/misc/hw_random/rng_current").stdout.strip()
-    count = vm.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c").stdout.strip()
+    source = vm.run("cat /sys/devices/virtual/misc/hw_random/rng_current")
+    count = vm.run("dd if=/dev/hwrng bs=64 count=1 | wc -c")
 
-    assert source == "virtio_rng.0"
-    assert count == "64"
+    assert source.stdout.strip() == "virtio_rng.0", source
+    assert count.stdout.strip() == "64", count
 
 
 def test_virtio_console_port_output_reaches_its_file(vm, disks):
@@ -366,8 +367,12 @@ def test_guest_moves_a_bar_and_still_uses_the_device(vm):
     moved = vm.run(f"echo {script} | base64 -d > /tmp/move.sh; sh /tmp/move.sh")
     wanted, resource, driver = moved.stdout.split()
     random = vm.run("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c")
+    log = open(vm.log_path).read()
 
-    assert int(resource, 16) == int(wanted, 16), moved
+    # The VMM followed the guest's own move; on rescan Linux may then assign the BAR
+    # elsewhere again (it does: back to the lowest free address), a second move.
+    assert f"BAR0 mapped by the guest at {int(wanted, 16):#x}" in log, moved
+    assert int(resource, 16) >= 1 << 32, moved   # wherever Linux put it, in the window
     assert driver == "virtio-pci"
     assert random.stdout.strip() == "64"
 
