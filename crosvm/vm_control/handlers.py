@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from crosvm.vmm.run import Vm
 
 PARK_TIMEOUT = 10.0  # how long `suspend` waits for every vCPU to leave the guest
+STATS_TIMEOUT = 5.0  # how long `balloon_stats` waits for the guest's fresh report
+BALLOON_WAIT_TIMEOUT = 110.0  # `balloon --wait` (the client waits WAIT_TIMEOUT = 120)
+POLL = 0.05
+PAGE_SHIFT = 12
 
 # Requests crosvm has and this VMM does not: answered with an ErrString that names them.
 UNSUPPORTED = ("UsbCommand", "GpuCommand", "BatCommand", "SndCommand", "Snapshot", "Swap",
@@ -53,6 +57,31 @@ def parse_disk_command(payload: Any) -> tuple[int, int]:
     if not _is_u64(size):
         raise RequestError("DiskCommand: new_size must be a non-negative integer")
     return index, size
+
+
+def parse_balloon_command(payload: Any) -> tuple[str, int, bool]:
+    """("stats", 0, False) for `"Stats"`, ("adjust", num_bytes, wait) for
+    `{"Adjust": {"num_bytes": N, "wait_for_success": B}}`."""
+    if payload == "Stats":
+        return "stats", 0, False
+    adjust = payload.get("Adjust") if isinstance(payload, dict) and len(payload) == 1 else None
+    if not isinstance(adjust, dict):
+        raise RequestError(f"BalloonCommand: unsupported command {str(payload)[:64]}")
+    num_bytes = adjust.get("num_bytes")
+    wait = adjust.get("wait_for_success", False)
+    if not _is_u64(num_bytes) or not isinstance(wait, bool):
+        raise RequestError("BalloonCommand: Adjust needs num_bytes (an integer) and "
+                           "wait_for_success (a boolean)")
+    return "adjust", num_bytes, wait
+
+
+def stats_response(payload: bytes) -> tuple[int, dict[str, Any]]:
+    """(generation, crosvm's BalloonStats response) from a CTRL_BALLOON_STATS payload."""
+    from crosvm.devices.virtio.balloon_parse import STAT_FIELDS
+    generation, actual, mask, *values = C.STATS.unpack(payload)
+    stats = {name: (values[i] if mask >> i & 1 else None) for i, name in enumerate(STAT_FIELDS)}
+    return generation, {"BalloonStats": {"stats": stats,
+                                         "balloon_actual": actual << PAGE_SHIFT}}
 
 
 def _is_u64(value: Any) -> bool:
@@ -143,6 +172,41 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
             return "Ok"
         return Deferred(_guarded(resize))
 
+    def balloon_command(payload: Any) -> object:
+        kind, num_bytes, wait = parse_balloon_command(payload)
+        target = vm.balloon_target
+        if target is None:
+            raise RequestError("no balloon device (the VM runs with --no-balloon)")
+        if kind == "stats":
+            def stats() -> object:
+                first, response = stats_response(device_call(target, C.CTRL_BALLOON_STATS, 1))
+                deadline = time.monotonic() + STATS_TIMEOUT
+                while time.monotonic() < deadline:
+                    time.sleep(POLL)
+                    generation, fresh = stats_response(
+                        device_call(target, C.CTRL_BALLOON_STATS, 0))
+                    if generation != first:
+                        return fresh
+                return response  # the guest did not report in time: the last report
+            return Deferred(_guarded(stats))
+        pages = num_bytes >> PAGE_SHIFT
+        if pages >= 1 << 32:
+            raise RequestError(f"balloon size {num_bytes} is too large")
+
+        def adjust() -> object:
+            device_call(target, C.CTRL_BALLOON_ADJUST, pages)
+            deadline = time.monotonic() + BALLOON_WAIT_TIMEOUT
+            while wait:
+                actual = C.ACTUAL.unpack(device_call(target, C.CTRL_BALLOON_ACTUAL))[0]
+                if actual == pages:
+                    break
+                if time.monotonic() > deadline:
+                    return err_string(f"the balloon reached {actual << PAGE_SHIFT} bytes, "
+                                      f"not {pages << PAGE_SHIFT}, in time")
+                time.sleep(POLL * 4)
+            return "Ok"
+        return Deferred(_guarded(adjust))
+
     def unsupported(name: str) -> Handler:
         return lambda *_: err_string(f"{name} is not supported by this VMM")
 
@@ -156,5 +220,6 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
         "ResumeVcpus": resume_vcpus, "Resume": resume_vcpus,
         "SuspendVm": suspend_vm, "ResumeVm": resume_vm,
         "DiskCommand": _guarded(disk_command),
+        "BalloonCommand": _guarded(balloon_command),
     })
     return handlers

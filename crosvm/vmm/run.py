@@ -26,6 +26,7 @@ from crosvm.devices.proxy import (BusProxy, DeviceProcess, HostRequests, PciProx
                                   describe_status, killing_signal)
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
+from crosvm.devices.virtio.balloon import Balloon
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.rng import Rng
@@ -140,6 +141,8 @@ class Vm:
             policies.append(Block.seccomp_policy)
         if not cfg.no_rng:
             policies.append(Rng.seccomp_policy)
+        if not cfg.no_balloon:
+            policies.append(Balloon.seccomp_policy)
         if cfg.virtio_consoles():
             policies.append(Console.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
@@ -258,6 +261,10 @@ class Vm:
                       disk.id.encode() if disk.id is not None else None))))
         if not cfg.no_rng:
             self.pci.add_virtio(Rng())
+        self.balloon_target: PciDevice | None = None  # for `crosvm balloon`
+        if not cfg.no_balloon:
+            self.balloon_target = self._bus_target(self.pci.add_virtio(
+                Balloon(page_reporting=cfg.balloon_page_reporting)))
         for params in cfg.virtio_consoles():
             out = open_output(params)
             if out is not None:
