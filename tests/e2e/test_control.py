@@ -1,4 +1,5 @@
-"""End-to-end: the control socket drives a running, sandboxed VM (issue 11).
+"""End-to-end: the control socket drives a running, sandboxed VM (issue 11), started
+and driven through the Python API (`crosvm.Vm`), so tests and users share one path.
 
 One VM for the module (boots are minutes on this host); the tests run in file order,
 and the last one powers it off with the ACPI power button.
@@ -15,12 +16,13 @@ import time
 
 import pytest
 
-from crosvm import control
-from tests.guest_vm import REPO, GuestVm
+from crosvm import Vm, control
+from tests.guest_vm import BOOT_TIMEOUT, COMMAND_TIMEOUT, HOST_CMDLINE, REPO
 
 pytestmark = pytest.mark.e2e
 
 DISK_SIZE = 8 << 20
+MEM_MIB = 256
 
 
 def crosvm(*args: str) -> subprocess.CompletedProcess:
@@ -34,24 +36,49 @@ def vm(kernel, initramfs, tmp_path_factory):
     disk = str(work / "disk.img")
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
-    sock = str(work / "vm.sock")
-    with GuestVm(kernel, initramfs, str(work), cpus=1, mem=256,
-                 extra_args=("-s", sock, "--block", disk)) as guest:
-        guest.wait_ready()
-        guest.sock = sock
+    cmdline = os.environ.get("CROSVM_TEST_CMDLINE", HOST_CMDLINE)
+    with Vm.start(kernel, initrd=initramfs, cpus=1, mem=MEM_MIB, blocks=[disk],
+                  params=[cmdline, "pycrosvm.mode=agent"], agent=True,
+                  workdir=str(work)) as guest:
+        guest.wait_ready(BOOT_TIMEOUT)
+        guest.sock = guest.socket_path
         guest.disk = disk
+        guest.run = lambda command: guest.exec(command, COMMAND_TIMEOUT)
+        guest.send = guest._agent.send
         yield guest
 
 
-def wait_line(guest: GuestVm, timeout: float) -> bool:
+def wait_line(guest: Vm, timeout: float) -> bool:
     """Whether the guest agent printed anything within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with guest._cond:
-            if guest._lines:
+        with guest._agent.cond:
+            if guest._agent.lines:
                 return True
         time.sleep(0.1)
     return False
+
+
+def meminfo(guest: Vm, key: str) -> int:
+    for line in guest.run("cat /proc/meminfo").stdout.splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) << 10
+    raise KeyError(key)
+
+
+def guest_ram_rss(pid: int) -> int:
+    """Resident bytes of the guest-memory memfd mapping in the VMM process (a page
+    punched out by the balloon's process leaves every mapping)."""
+    total = 0
+    in_guest_ram = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if not line[0].isupper() or "-" in line.split()[0]:
+                in_guest_ram = "memfd:crosvm_guest" in line
+            elif in_guest_ram and line.startswith("Rss:"):
+                total += int(line.split()[1]) << 10
+    return total
 
 
 def test_two_clients_at_once_are_both_answered(vm):
@@ -169,6 +196,42 @@ def test_sleepbtn_reaches_guest_acpi(vm):
     assert int(after) == int(before) + 1
 
 
+def test_balloon_stats_report_plausible_guest_memory(vm):
+    stats = vm.balloon_stats()
+    cli = crosvm("balloon_stats", vm.sock)
+
+    assert 0 < stats.free_memory < stats.total_memory <= MEM_MIB << 20
+    assert stats.balloon_actual == 0
+    assert cli.returncode == 0, cli.stderr
+    assert set(json.loads(cli.stdout)["BalloonStats"]) == {"stats", "balloon_actual"}
+
+
+def test_balloon_half_of_ram_takes_guest_memory_back_to_host_then_returns_it(vm):
+    half = (MEM_MIB << 20) // 2
+    # Touch most of the guest's free memory, then free it: the host has it resident.
+    vm.run("dd if=/dev/zero of=/tmp/fill bs=1M count=160 2>/dev/null; rm -f /tmp/fill")
+    free_before = meminfo(vm, "MemFree")
+    rss_before = guest_ram_rss(vm.proc.pid)
+
+    result = crosvm("balloon", str(half), vm.sock)
+    actual = 0
+    for _ in range(120):
+        actual = vm.balloon_stats().balloon_actual
+        if actual >= half:
+            break
+        time.sleep(2)
+    free_inflated = meminfo(vm, "MemFree")
+    rss_inflated = guest_ram_rss(vm.proc.pid)
+    vm.balloon(0, wait=True)
+    free_after = meminfo(vm, "MemFree")
+
+    assert result.returncode == 0, result.stderr
+    assert actual == half
+    assert free_before - free_inflated > half * 3 // 4
+    assert rss_before - rss_inflated > half // 2
+    assert free_after - free_inflated > half * 3 // 4
+
+
 def test_powerbtn_is_counted_and_acpid_powers_off_exit_0(vm):
     setup = vm.run("mkdir -p /tmp/acpi/PWRF && printf '#!/bin/sh\\npoweroff -f\\n' "
                    "> /tmp/acpi/PWRF/00000080 && chmod +x /tmp/acpi/PWRF/00000080 && "
@@ -176,7 +239,7 @@ def test_powerbtn_is_counted_and_acpid_powers_off_exit_0(vm):
     before = vm.run("cat /sys/firmware/acpi/interrupts/ff_pwr_btn").stdout.split()[0]
     result = crosvm("powerbtn", vm.sock)
 
-    code = vm.wait_exit()
+    code = vm.wait(BOOT_TIMEOUT)
 
     assert setup.stdout == "started\n", setup.stderr
     assert int(before) == 0

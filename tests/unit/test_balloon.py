@@ -157,3 +157,15 @@ def test_balloon_command_shapes_are_parsed(payload, parsed):
 def test_malformed_balloon_command_is_refused(payload):
     with pytest.raises(RequestError):
         parse_balloon_command(payload)
+
+
+def test_balloon_request_without_balloon_device_names_the_problem():
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    vm = SimpleNamespace(balloon_target=None, _exit_request=lambda: "Ok")
+    handler = vm_handlers(vm)["BalloonCommand"]
+
+    response = handler({"Adjust": {"num_bytes": 4096, "wait_for_success": False}})
+
+    assert response == {"ErrString": "no balloon device (the VM runs with --no-balloon)"}
