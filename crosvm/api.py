@@ -168,8 +168,17 @@ class Vm:
 
     def exec(self, command: str, timeout: float = 600.0) -> ExecResult:
         """Run a shell command line in the guest (through its agent)."""
+        self.send(command)
+        return self.read_answer(timeout)
+
+    def send(self, command: str) -> None:
+        """Send a command line to the guest agent without waiting (e.g. `poweroff`);
+        `read_answer` collects its result."""
+        self._need_agent().send(command)
+
+    def read_answer(self, timeout: float = 600.0) -> ExecResult:
+        """The result of the oldest command sent whose answer was not yet read."""
         agent = self._need_agent()
-        agent.send(command)
         deadline = time.monotonic() + timeout
         while agent.line(deadline, self._alive) != "@@BEGIN":
             pass
