@@ -208,7 +208,7 @@ def test_balloon_stats_report_plausible_guest_memory(vm):
 def test_balloon_half_of_ram_takes_guest_memory_back_to_host_then_returns_it(vm):
     half = (MEM_MIB << 20) // 2
     # Touch most of the guest's free memory, then free it: the host has it resident.
-    vm.run("dd if=/dev/zero of=/tmp/fill bs=1M count=160 2>/dev/null; rm -f /tmp/fill")
+    vm.run("dd if=/dev/zero of=/tmp/fill bs=1M count=100 2>/dev/null; rm -f /tmp/fill")
     free_before = meminfo(vm, "MemFree")
     rss_before = guest_ram_rss(vm.proc.pid)
 
