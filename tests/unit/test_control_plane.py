@@ -321,3 +321,22 @@ def test_control_command_without_a_vm_exits_1(tmp_path, capsys):
 
     assert code == 1
     assert "cannot reach the VM" in capsys.readouterr().err
+
+
+def test_block_resize_grows_a_qcow2_image_through_set_len(mem, tmp_path):
+    from crosvm.disk import open_disk
+    from crosvm.disk.qcow2 import create_qcow2
+    path = str(tmp_path / "disk.qcow2")
+    create_qcow2(path, 1 << 20)
+    block = B.Block(open_disk(path))
+    dev = VirtioPciDevice(block, mem, [Event() for _ in range(2)], lambda *a: None)
+
+    result = dev.control(C.CTRL_RESIZE, 4 << 20)
+    seen = capacity(dev)
+    dev.close()
+    reopened = open_disk(path, read_only=True)
+
+    assert C.decode_result(C.CTRL_RESIZE, result) == b""
+    assert seen == (4 << 20) // 512
+    assert reopened.size == 4 << 20
+    reopened.close()
