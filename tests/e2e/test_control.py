@@ -238,7 +238,7 @@ def test_balloon_half_of_ram_takes_guest_memory_back_to_host_then_returns_it(vm)
 def test_powerbtn_is_counted_and_acpid_powers_off_exit_0(vm):
     setup = vm.run("mkdir -p /tmp/acpi/PWRF && printf '#!/bin/sh\\npoweroff -f\\n' "
                    "> /tmp/acpi/PWRF/00000080 && chmod +x /tmp/acpi/PWRF/00000080 && "
-                   "acpid -c /tmp/acpi && echo started")
+                   "{ acpid -d -c /tmp/acpi >/tmp/acpid.log 2>&1 & } && echo started")
     before = vm.run("cat /sys/firmware/acpi/interrupts/ff_pwr_btn").stdout.split()[0]
     result = crosvm("powerbtn", vm.sock)
 
