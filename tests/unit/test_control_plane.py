@@ -340,3 +340,46 @@ def test_block_resize_grows_a_qcow2_image_through_set_len(mem, tmp_path):
     assert seen == (4 << 20) // 512
     assert reopened.size == 4 << 20
     reopened.close()
+
+
+class FakeVcpu:
+    def __init__(self) -> None:
+        self.running = True
+
+    def suspend(self) -> None:
+        self.running = False
+
+    def resume(self) -> None:
+        self.running = True
+
+    def is_parked(self) -> bool:
+        return not self.running
+
+
+def test_suspend_answers_ok_once_every_vcpu_is_parked_and_resume_releases_them():
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    vcpus = [FakeVcpu(), FakeVcpu()]
+    handlers = vm_handlers(SimpleNamespace(vcpus=vcpus, _exit_request=lambda: "Ok"))
+
+    suspended = handlers["SuspendVcpus"]().work()
+    parked = [v.is_parked() for v in vcpus]
+    resumed = handlers["ResumeVcpus"]()
+
+    assert suspended == "Ok"
+    assert parked == [True, True]
+    assert resumed == "Ok"
+    assert [v.running for v in vcpus] == [True, True]
+
+
+def test_disk_resize_of_a_missing_disk_names_the_index():
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    handlers = vm_handlers(SimpleNamespace(block_targets=[], _exit_request=lambda: "Ok"))
+
+    response = handlers["DiskCommand"]({"disk_index": 2,
+                                        "command": {"Resize": {"new_size": 512}}})
+
+    assert response == {"ErrString": "disk index 2 out of range (the VM has 0 disks)"}
