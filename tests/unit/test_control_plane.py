@@ -4,7 +4,6 @@ queue workers that sleep and wake, the Python API's wire shapes, the CLI's usage
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
