@@ -46,6 +46,34 @@ class DiskOption:
 MAX_DISKS = 26
 
 
+@dataclass
+class PmemOption:
+    """One `--pmem` option (or a deprecated --pmem-device/--rw-pmem-device)."""
+
+    path: str
+    ro: bool = False
+    root: bool = False
+
+
+@dataclass
+class NetOption:
+    """One `--net` option: a TAP by name, by fd, or one pycrosvm creates (host-ip=)."""
+
+    tap_name: str | None = None
+    tap_fd: int | None = None
+    host_ip: str | None = None
+    netmask: str | None = None
+    mac: str | None = None
+    vhost_net: bool = False
+    vq_pairs: int = 1
+    mrg_rxbuf: bool = False
+    passt: bool = False
+    passt_socket: str | None = None
+
+
+MAX_NET_VQ_PAIRS = 16
+
+
 def default_serial() -> SerialParameters:
     """crosvm's default: COM1 is a stdout console that reads stdin."""
     return SerialParameters(type="stdout", num=1, console=True, stdin=True)
@@ -73,6 +101,8 @@ class Config:
     seccomp_policy_dir: str | None = None  # None: the policies shipped with the package
     seccomp_log_failures: bool = False
     disks: list[DiskOption] = field(default_factory=list)
+    pmems: list[PmemOption] = field(default_factory=list)
+    nets: list[NetOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -96,9 +126,19 @@ class Config:
             raise ConfigError(f"mem of {self.mem_mib} MiB is larger than this VMM supports")
         validate_serial(self.serial_ports())
         validate_disks(self.disks)
+        if sum(d.root for d in self.disks) + sum(p.root for p in self.pmems) > 1:
+            raise ConfigError("only one block or pmem device can be the root device")
+        validate_nets(self.nets)
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]
+
+    def root_pmem(self) -> tuple[int, PmemOption] | None:
+        """(index, device) of the `root` pmem device; index 0 is /dev/pmem0."""
+        for i, p in enumerate(self.pmems):
+            if p.root:
+                return i, p
+        return None
 
     def root_disk(self) -> tuple[int, DiskOption] | None:
         """(index, disk) of the `root` disk; index 0 is vda."""
@@ -118,6 +158,49 @@ def validate_disks(disks: list[DiskOption]) -> None:
             raise ConfigError(f"block: block-size {d.block_size} is not a power of two >= 512")
         if d.id is not None and len(d.id.encode(errors="replace")) > 20:
             raise ConfigError(f"block: id '{d.id}' is longer than 20 bytes")
+
+
+def validate_nets(nets: list[NetOption]) -> None:
+    """crosvm's --net rules: exactly one of tap-name, tap-fd, host-ip+netmask+mac (or
+    our passt / passt-socket)."""
+    from crosvm.devices.virtio.net_proto import parse_mac
+    from crosvm.net.tap import prefix_length
+    import ipaddress
+    for n in nets:
+        modes = [k for k, v in (("tap-name", n.tap_name), ("tap-fd", n.tap_fd),
+                                ("host-ip", n.host_ip), ("passt", n.passt or None),
+                                ("passt-socket", n.passt_socket)) if v is not None]
+        if len(modes) != 1:
+            raise ConfigError("net: give exactly one of tap-name=, tap-fd=, "
+                              "host-ip=,netmask=,mac=, passt or passt-socket= "
+                              f"(got {', '.join(modes) or 'none'})")
+        if modes[0].startswith("passt") and (n.vq_pairs != 1 or n.vhost_net):
+            raise ConfigError("net: passt gives one queue pair and no vhost-net")
+        if n.host_ip is not None:
+            if n.netmask is None or n.mac is None:
+                raise ConfigError("net: host-ip= needs netmask= and mac= too")
+            try:
+                ipaddress.IPv4Address(n.host_ip)
+            except ValueError:
+                raise ConfigError(f"net: invalid host-ip '{n.host_ip}'") from None
+            try:
+                prefix_length(n.netmask)
+            except ValueError:
+                raise ConfigError(f"net: invalid netmask '{n.netmask}'") from None
+        elif n.netmask is not None:
+            raise ConfigError("net: netmask= only goes with host-ip=")
+        if n.mac is not None:
+            try:
+                parse_mac(n.mac)
+            except ValueError as e:
+                raise ConfigError(f"net: {e}") from None
+        if n.tap_fd is not None and n.tap_fd < 0:
+            raise ConfigError(f"net: invalid tap-fd {n.tap_fd}")
+        if not 1 <= n.vq_pairs <= MAX_NET_VQ_PAIRS:
+            raise ConfigError(f"net: vq-pairs must be between 1 and {MAX_NET_VQ_PAIRS}, "
+                              f"not {n.vq_pairs}")
+        if n.tap_fd is not None and n.vq_pairs > 1:
+            raise ConfigError("net: tap-fd= gives one queue; vq-pairs must be 1 with it")
 
 
 def validate_serial(ports: list[SerialParameters]) -> None:

@@ -1,4 +1,4 @@
-"""Builds the test guest's initramfs: busybox-static, our /init, as an uncompressed cpio.
+"""Builds the test guest's initramfs (busybox-static, /init, /agent.sh) as an uncompressed cpio.
 
 Uncompressed because decompression runs emulated on the development hosts (~30 s for
 gzip). Written directly in the cpio "newc" format; no cpio tool needed.
@@ -84,6 +84,8 @@ def build(out_path: str, busybox: str = DEFAULT_BUSYBOX) -> str:
             if applet not in ("bin/busybox", "bin/lspci", "usr/bin/lspci"):
                 w.symlink(applet, "/bin/busybox")
         w.file("init", init, 0o755)
+        with open(os.path.join(HERE, "agent.sh"), "rb") as f:
+            w.file("agent.sh", f.read())
         with open(os.path.join(HERE, "lspci"), "rb") as f:
             w.file("bin/lspci", f.read(), 0o755)
         w.file("etc/fstab", FSTAB)

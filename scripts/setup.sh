@@ -4,13 +4,15 @@
 # itself with its test dependencies (atheris is the coverage-guided fuzzer tests/fuzz
 # runs); libseccomp2 compiles the devices' seccomp filters;
 # qemu-utils (qemu-img/qemu-io), android-sdk-libsparse-utils (img2simg) and fdisk
-# (sfdisk) make and check the images of the disk-format tests.
+# (sfdisk) make and check the images of the disk-format tests; pyroute2 (a package
+# dependency) configures the host side of `--net host-ip=` TAPs; passt gives
+# `--net passt` its user-mode network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The initramfs needs a static busybox (Debian's busybox-static puts it at /bin/busybox).
 missing=()
-for pkg in busybox-static e2fsprogs libseccomp2 qemu-utils android-sdk-libsparse-utils fdisk; do
+for pkg in busybox-static e2fsprogs libseccomp2 qemu-utils android-sdk-libsparse-utils fdisk passt; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -25,7 +27,7 @@ fi
 
 # Install the package (editable, from this checkout) unless it is already installed from here.
 here=$PWD
-if ! (cd / && python3 -c 'import os, sys, crosvm, pytest, hypothesis, atheris
+if ! (cd / && python3 -c 'import os, sys, crosvm, pytest, hypothesis, atheris, pyroute2
 sys.exit(os.path.dirname(os.path.dirname(crosvm.__file__)) != sys.argv[1])' "$here") 2>/dev/null; then
     python3 -m pip install -q -e '.[test]'
 fi

@@ -14,7 +14,7 @@ from crosvm.base import boundedjson
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-from crosvm.config import Config, DiskOption, SerialParameters
+from crosvm.config import Config, DiskOption, NetOption, PmemOption, SerialParameters
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -187,4 +187,24 @@ def _build_config(values: dict[str, Any]) -> Config:
     for b in values.get("block", []):
         full = kv.with_defaults(BY_CONFIG_KEY["block"].schema, b, "block")
         cfg.disks.append(DiskOption(**{k.replace("-", "_"): v for k, v in full.items()}))
+    for p in values.get("pmem", []):
+        cfg.pmems.append(PmemOption(**kv.with_defaults(BY_CONFIG_KEY["pmem"].schema, p, "pmem")))
+    for n in values.get("net", []):
+        full = kv.with_defaults(BY_CONFIG_KEY["net"].schema, n, "net")
+        cfg.nets.append(NetOption(**{k.replace("-", "_"): v for k, v in full.items()}))
+    cfg.nets += _legacy_nets(values)
     return cfg
+
+
+def _legacy_nets(values: dict[str, Any]) -> list[NetOption]:
+    """crosvm's deprecated --tap-name/--tap-fd/--host-ip/--netmask/--mac, each given
+    --vhost-net and --net-vq-pairs."""
+    common = {"vhost_net": bool(values.get("legacy-vhost-net", False)),
+              "vq_pairs": values.get("legacy-net-vq-pairs", 1)}
+    nets = [NetOption(tap_name=name, **common) for name in values.get("legacy-tap-name", [])]
+    nets += [NetOption(tap_fd=fd, **common) for fd in values.get("legacy-tap-fd", [])]
+    raw = {k: values.get(f"legacy-{k}") for k in ("host-ip", "netmask", "mac")}
+    if any(v is not None for v in raw.values()):
+        nets.append(NetOption(host_ip=raw["host-ip"], netmask=raw["netmask"], mac=raw["mac"],
+                              **common))
+    return nets

@@ -61,6 +61,26 @@ BLOCK_SCHEMA = Schema([
 # The deprecated aliases take the old keys only; ro/root come from the option itself.
 OLD_DISK_SCHEMA = Schema([f for f in BLOCK_SCHEMA.fields if f.name not in ("ro", "root")])
 
+PMEM_SCHEMA = Schema([
+    Field("path", "path", None, "raw image file mapped as guest memory", required=True),
+    Field("ro", "bool", False, "read-only (a read-only KVM memory slot)"),
+    Field("root", "bool", False, "use as the root device (adds root=/dev/pmemN)"),
+])
+OLD_PMEM_SCHEMA = Schema([f for f in PMEM_SCHEMA.fields if f.name == "path"])
+NET_SCHEMA = Schema([
+    Field("tap-name", "str", None, "an existing TAP, or a new persistent one, by name"),
+    Field("tap-fd", "int", None, "an open TAP fd (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)"),
+    Field("host-ip", "str", None, "create a TAP with this host address (needs netmask, mac)"),
+    Field("netmask", "str", None, "netmask of host-ip"),
+    Field("mac", "str", None, "the guest's MAC address"),
+    Field("vhost-net", "bool", False, "move the queues into the kernel (/dev/vhost-net)"),
+    Field("vq-pairs", "int", 1, "number of RX/TX queue pairs (multiqueue)"),
+    Field("mrg-rxbuf", "bool", False, "offer mergeable receive buffers"),
+    Field("passt", "bool", False, "user-mode networking: start passt (no root, no TAP)"),
+    Field("passt-socket", "path", None, "user-mode networking through a running passt's "
+          "socket"),
+], first_key_optional=False)
+
 CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
 MEM_SCHEMA = Schema([Field("size", "int", 256, "guest memory in MiB")])
 KVM_SCHEMA = Schema([Field("device", "path", "/dev/kvm", "path to the KVM device")])
@@ -92,6 +112,32 @@ RUN_OPTIONS: list[Option] = [
     Option("rwroot", "keyvalue", "writable root disk", key="block", multi=True,
            schema=OLD_DISK_SCHEMA, deprecated="--block PATH,root", in_config=False,
            implied={"ro": False, "root": True}, metavar="PATH"),
+    Option("pmem", "keyvalue", "a virtio-pmem device backed by a raw image (may repeat; "
+           "/dev/pmem0, /dev/pmem1, ... in order)", multi=True, schema=PMEM_SCHEMA,
+           metavar="PATH[,ro][,root]"),
+    Option("pmem-device", "keyvalue", "read-only pmem device", key="pmem", multi=True,
+           schema=OLD_PMEM_SCHEMA, deprecated="--pmem PATH,ro", in_config=False,
+           implied={"ro": True}, metavar="PATH"),
+    Option("rw-pmem-device", "keyvalue", "writable pmem device", key="pmem", multi=True,
+           schema=OLD_PMEM_SCHEMA, deprecated="--pmem PATH", in_config=False,
+           implied={"ro": False}, metavar="PATH"),
+    Option("net", "keyvalue", "a virtio-net device on a TAP (may repeat)", multi=True,
+           schema=NET_SCHEMA, metavar="tap-name=NAME|tap-fd=N|host-ip=IP,netmask=M,mac=MAC|passt"),
+    Option("tap-name", "value", "TAP by name", key="legacy-tap-name", multi=True,
+           deprecated="--net tap-name=NAME", in_config=False, metavar="NAME"),
+    Option("tap-fd", "value", "TAP by fd", key="legacy-tap-fd", multi=True, value_type="int",
+           deprecated="--net tap-fd=N", in_config=False, metavar="N"),
+    Option("host-ip", "value", "host address of a new TAP", key="legacy-host-ip",
+           deprecated="--net host-ip=IP,netmask=M,mac=MAC", in_config=False, metavar="IP"),
+    Option("netmask", "value", "netmask of --host-ip", key="legacy-netmask",
+           deprecated="--net host-ip=IP,netmask=M,mac=MAC", in_config=False, metavar="MASK"),
+    Option("mac", "value", "guest MAC of --host-ip", key="legacy-mac",
+           deprecated="--net host-ip=IP,netmask=M,mac=MAC", in_config=False, metavar="MAC"),
+    Option("vhost-net", "flag", "vhost-net for the legacy TAP options", key="legacy-vhost-net",
+           deprecated="--net vhost-net=true", in_config=False),
+    Option("net-vq-pairs", "value", "queue pairs for the legacy TAP options",
+           key="legacy-net-vq-pairs", value_type="int", deprecated="--net vq-pairs=N",
+           in_config=False, metavar="N"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",

@@ -68,6 +68,8 @@ def _constants() -> dict[str, int]:
         # linux/falloc.h
         "AT_EMPTY_PATH": 0x1000,
         "FALLOC_FL_KEEP_SIZE": 1, "FALLOC_FL_PUNCH_HOLE": 2, "FALLOC_FL_ZERO_RANGE": 0x10,
+        # linux/if_tun.h
+        "TUNSETOFFLOAD": 0x400454D0,
         # linux/futex.h
         "FUTEX_WAIT": 0, "FUTEX_WAKE": 1, "FUTEX_PRIVATE_FLAG": 128,
     })

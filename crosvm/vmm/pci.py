@@ -37,10 +37,12 @@ class AddressAllocator:
         self.base, self.end = base, base + size
         self.next = base
 
-    def allocate(self, size: int) -> int:
-        addr = (self.next + size - 1) & ~(size - 1)
+    def allocate(self, size: int, align: int | None = None) -> int:
+        """`size` bytes aligned to `align` (a power of two; `size` by default)."""
+        align = align or size
+        addr = (self.next + align - 1) & ~(align - 1)
         if addr + size > self.end:
-            raise ValueError(f"no room for a {size:#x}-byte BAR in {self.base:#x}-{self.end:#x}")
+            raise ValueError(f"no room for {size:#x} bytes in {self.base:#x}-{self.end:#x}")
         self.next = addr + size
         return addr
 
@@ -93,12 +95,20 @@ class PciSetup:
         self.devices: list[PciDevice] = []
         self._events: list = []
         self._bar_maps: dict[int, list[BarMapping]] = {}  # id(bus-side device) -> its BARs
+        self._reserved: list[tuple[int, int]] = []  # [start, end) of non-BAR memory (pmem)
         self.root.on_config_write = self._config_written
         io_bus.insert(PciConfigIo(self.root, reset_port), PCI_CONFIG_IO_PORT, 8)
         mmio_bus.insert(PciConfigMmio(self.root), L.PCIE_ECAM_START, L.PCIE_ECAM_SIZE)
 
     def layout(self) -> PciLayout:
         return PciLayout(high_mmio=self.high_range, intx=tuple(self.intx))
+
+    def allocate_high(self, size: int, align: int) -> int:
+        """Guest addresses in the high MMIO window for memory that is not a BAR (a pmem
+        region, as crosvm places them): inside the root bridge's window, never RAM."""
+        address = self.high.allocate(size, align)
+        self._reserved.append((address, address + size))  # no BAR may be moved over it
+        return address
 
     def _allocate_irq(self) -> int:
         # Round-robin over IOAPIC pins 9-23; lines are shared beyond 15 devices.
@@ -201,10 +211,13 @@ class PciSetup:
                     self._remap(target, m, want)
 
     def _bar_window_ok(self, bar: PciBar, address: int) -> bool:
-        """Only inside the MMIO windows the DSDT gives the root bridge."""
+        """Only inside the MMIO windows the DSDT gives the root bridge, and never over
+        memory the VMM placed there (a pmem region's KVM slot would shadow the BAR)."""
         end = address + bar.size
         low_ok = self.low.base <= address and end <= self.low.end
         high_ok = self.high.base <= address and end <= self.high.end
+        if any(start < end and address < stop for start, stop in self._reserved):
+            return False
         return low_ok or (bar.type is BarType.MEM64 and high_ok)
 
     def _remap(self, device: PciDevice, m: BarMapping, want: int | None) -> None:
@@ -226,7 +239,9 @@ class PciSetup:
                                want, e)
             return
         self._set_ioevents(m.ioevents, want, register=True)
-        _guest_log(logging.INFO, "%s mapped by the guest at %#x", label, want)
+        moved = want != m.bar.address  # not where the VMM first put it
+        _guest_log(logging.INFO if moved else logging.DEBUG, "%s mapped by the guest at %#x",
+                   label, want)
         m.address = want
 
     def _set_ioevents(self, ioevents: list[tuple[Event, int]], base: int,

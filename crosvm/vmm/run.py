@@ -29,11 +29,16 @@ from crosvm.devices.serial_device import InputThread, SerialError, open_input, o
 from crosvm.devices.virtio.balloon import Balloon
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
+from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
+from crosvm.devices.virtio.net import Net
+from crosvm.devices.virtio.net_proto import parse_mac
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
+from crosvm.net.passt import Passt, PasstError
+from crosvm.net.tap import TapError, open_net_taps
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
@@ -74,6 +79,10 @@ def kernel_cmdline(cfg: Config) -> str:
     if root is not None:
         index, disk = root
         parts.append(f"root=/dev/vd{chr(ord('a') + index)} {'ro' if disk.ro else 'rw'}")
+    pmem_root = cfg.root_pmem()
+    if pmem_root is not None:
+        index, pmem = pmem_root
+        parts.append(f"root=/dev/pmem{index} {'ro' if pmem.ro else 'rw'}")
     parts.extend(cfg.params)
     return " ".join(parts)
 
@@ -139,12 +148,16 @@ class Vm:
         policies = [Serial.seccomp_policy, PvPanic.seccomp_policy]
         if cfg.disks:
             policies.append(Block.seccomp_policy)
+        if cfg.pmems:
+            policies.append(Pmem.seccomp_policy)
         if not cfg.no_rng:
             policies.append(Rng.seccomp_policy)
         if not cfg.no_balloon:
             policies.append(Balloon.seccomp_policy)
         if cfg.virtio_consoles():
             policies.append(Console.seccomp_policy)
+        if cfg.nets:
+            policies.append(Net.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
@@ -259,6 +272,8 @@ class Vm:
             self.block_targets.append(self._bus_target(self.pci.add_virtio(
                 Block(image, disk.block_size,
                       disk.id.encode() if disk.id is not None else None))))
+        for params in cfg.pmems:
+            self.pci.add_virtio(self._pmem(params.path, params.ro))
         if not cfg.no_rng:
             self.pci.add_virtio(Rng())
         self.balloon_target: PciDevice | None = None  # for `crosvm balloon`
@@ -277,6 +292,12 @@ class Vm:
                 fds.append(in_fd)
                 start = _input_starter(in_fd, console, f"console{params.num}_input")
             self.pci.add_virtio(console, fds, start)
+        for i, params in enumerate(cfg.nets):
+            if params.passt or params.passt_socket:
+                self.pci.add_virtio(self._passt_net(params, f"net{i}"))
+                continue
+            tap, mac = open_net_taps(params)
+            self.pci.add_virtio(Net(tap.fds, mac, mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -298,6 +319,32 @@ class Vm:
     def virtio_targets(self) -> list[PciDevice]:
         """Every virtio device as the VMM reaches it (for `suspend --full`)."""
         return [self._bus_target(d) for d in self.pci.devices if hasattr(d, "control")]
+
+    def _pmem(self, path: str, read_only: bool) -> Pmem:
+        """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""
+        pmem_file = PmemFile(path, read_only)
+        try:
+            address = self.pci.allocate_high(pmem_file.size, ADDRESS_ALIGN)
+        except ValueError as e:
+            pmem_file.close()
+            raise DiskError(f"pmem {path}: does not fit the guest address space: {e}") from e
+        try:
+            self.vm.add_memory_region(address, pmem_file.size, pmem_file.host_address,
+                                      read_only=read_only)
+        except BaseException:
+            pmem_file.close()
+            raise
+        device = Pmem(pmem_file, address)  # closed with the PCI devices
+        log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
+        return device
+
+    def _passt_net(self, params, label: str) -> Net:
+        passt = Passt(params.passt_socket)
+        self._closers.append(passt.close)
+        passt.watch()
+        mac = parse_mac(params.mac) if params.mac is not None else None
+        return Net([os.dup(passt.fd)], mac, mrg_rxbuf=params.mrg_rxbuf, label=label,
+                   stream=True)
 
     def _load(self) -> None:
         cfg = self.cfg
@@ -396,7 +443,7 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, OSError) as e:
+    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, OSError) as e:
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))

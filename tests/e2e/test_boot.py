@@ -99,6 +99,20 @@ def test_agent_returns_stderr_and_exit_status(vm):
     assert result.returncode == 3
 
 
+def test_agent_returns_carriage_returns_and_non_utf8_bytes(vm):
+    result = vm.run(r"printf 'a\r\n\377\376b\r'")
+
+    assert result.stdout.encode(errors="surrogateescape") == b"a\r\n\xff\xfeb\r"
+
+
+def test_agent_answer_to_an_unawaited_command_is_not_taken_for_the_next(vm):
+    vm.send("echo unawaited")
+
+    result = vm.run("echo awaited")
+
+    assert result.stdout == "awaited\n"
+
+
 def test_nproc_equals_cpus(vm):
     result = vm.run("nproc")
 
@@ -153,12 +167,6 @@ def test_acpi_reports_s5(vm):
     result = vm.run("dmesg | grep 'ACPI: PM: (supports'")
 
     assert "S5" in result.stdout
-
-
-def test_i8042_keyboard_is_found(vm):
-    result = vm.run("cat /proc/bus/input/devices")
-
-    assert "AT Translated Set 2 keyboard" in result.stdout
 
 
 def sha256_file(path: str, length: int | None = None) -> str:
@@ -279,6 +287,17 @@ def test_every_device_runs_in_its_own_jailed_process(vm, mode):
         assert status["CapEff"] == "0000000000000000"
         assert status["NSpid"].split()[-1] == "1"   # PID 1 of its own namespace
         assert os.listdir(f"/proc/{pid}/root") == []
+
+
+def test_i8042_keyboard_is_found(vm):
+    # atkbd probes the keyboard from a workqueue, so it may register after /init has
+    # started: this check runs late in the module, and polls a bounded number of times.
+    result = vm.run("for i in 1 2 3 4 5 6 7 8 9 10 11 12; do "
+                    "grep 'AT Translated Set 2 keyboard' /proc/bus/input/devices && exit 0; "
+                    "sleep 5; done; exit 1", timeout=900)
+
+    assert result.returncode == 0, result.stderr
+    assert "AT Translated Set 2 keyboard" in result.stdout
 
 
 def test_device_processes_hold_no_guest_memory_fd_and_run_unprivileged(vm, mode):

@@ -1,8 +1,9 @@
 """End-to-end: the guest reads and writes qcow2, Android sparse and composite disks made
 by qemu-img / img2simg / create_composite, and what it writes stays valid for qemu-img.
 
-One VM for the format checks (its last test powers it off so the images can be checked
-closed) and one for the crash test, which kills the VMM with SIGKILL mid-stream.
+One VM for the format checks and the virtio-pmem ones (its last test powers it off so
+the images can be checked closed) and one for the crash test, which kills the VMM with
+SIGKILL mid-stream.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ MiB = 1 << 20
 TAIL_OFFSET = 8 * MiB   # raw guest writes past the 4 MiB file system on the fresh qcow2
 TAIL_BYTES = 64 << 10
 PART_FILE = b"partition one\n" * 100
+PMEM_FILE = b"persistent memory\n" * 100
+PMEM_RW_MIB, PMEM_RO_MIB = 4, 6   # different sizes: each /dev/pmemN is known by its size
 SLOW = 900   # seconds for the guest's bulk copies when the host is shared and busy
 # The guest CPU is emulated (~1000x slower): images stay small and checksums are md5.
 
@@ -84,7 +87,10 @@ def images(tmp_path_factory):
         f.write(b"\xee" * (512 << 10))
     sparse = os.path.join(d, "disk.simg")
     run("img2simg", sparse_src, sparse)
-    expected = {}
+    # pmem0 (writable) and pmem1 (read-only): ext4 images holding a known file.
+    pmem_rw = make_ext4(os.path.join(d, "pmem_rw.ext4"), PMEM_RW_MIB, files={"pmem.txt": PMEM_FILE})
+    pmem_ro = make_ext4(os.path.join(d, "pmem_ro.ext4"), PMEM_RO_MIB, files={"pmem.txt": PMEM_FILE})
+    expected = {"pmem_ro": md5_of(pmem_ro)}
     for name, path in (("vda", top), ("vdb", v2)):
         out = os.path.join(d, name + ".raw")
         run("qemu-img", "convert", "-O", "raw", path, out)
@@ -92,7 +98,8 @@ def images(tmp_path_factory):
     expected["vde2"] = md5_of(part2)
     expected["vdf"] = md5_of(sparse_src)
     return {"dir": d, "top": top, "v2": v2, "fresh": fresh, "ext4": ext4,
-            "composite": composite, "sparse": sparse, "expected": expected}
+            "composite": composite, "sparse": sparse, "pmem_rw": pmem_rw, "pmem_ro": pmem_ro,
+            "expected": expected}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +107,8 @@ def vm(kernel, initramfs, images, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
     extra = ("--block", f"{images['top']},ro", "--block", f"{images['v2']},ro",
              "--block", images["fresh"], "--block", f"{images['ext4']},ro",
-             "--block", f"{images['composite']},ro", "--block", images["sparse"])
+             "--block", f"{images['composite']},ro", "--block", images["sparse"],
+             "--pmem", images["pmem_rw"], "--pmem", f"{images['pmem_ro']},ro")
     with GuestVm(kernel, initramfs, workdir, cpus=1, mem=256, extra_args=extra) as guest:
         guest.wait_ready()
         yield guest
@@ -143,6 +151,40 @@ def test_guest_writes_ext4_and_raw_offsets_on_fresh_qcow2(vm, images):
     assert copy.returncode == 0, copy.stdout + copy.stderr
     assert tail.returncode == 0, tail.stderr
     images["tail_sha"] = tail.stdout.split()[0]
+
+
+def test_guest_sees_pmem_devices_of_the_image_sizes(vm):
+    result = vm.run("cat /sys/block/pmem0/size /sys/block/pmem1/size")
+
+    assert result.returncode == 0, result.stderr
+    assert [int(n) * 512 for n in result.stdout.split()] == [PMEM_RW_MIB * MiB, PMEM_RO_MIB * MiB]
+
+
+def test_guest_mounts_ext4_from_read_only_pmem(vm):
+    result = vm.run("mount -o ro /dev/pmem1 /mnt && md5sum /mnt/pmem.txt; umount /mnt")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split()[0] == hashlib.md5(PMEM_FILE).hexdigest()
+
+
+def test_guest_ext4_writes_on_pmem_reach_the_file(vm, images):
+    result = vm.run("mount /dev/pmem0 /mnt && cat /mnt/pmem.txt > /dev/null"
+                    " && echo written-to-pmem > /mnt/guest.txt && sync && umount /mnt",
+                    timeout=SLOW)
+    on_host = run("debugfs", "-R", "cat /guest.txt", images["pmem_rw"])
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert on_host == "written-to-pmem\n"
+
+
+def test_read_only_pmem_refuses_writes(vm, images):
+    write = vm.run("dd if=/dev/urandom of=/dev/pmem1 bs=4096 count=4 oflag=direct 2>&1;"
+                   " dd if=/dev/pmem1 bs=4096 count=4 iflag=direct 2>/dev/null | md5sum")
+    with open(images["pmem_ro"], "rb") as f:
+        first_blocks = hashlib.md5(f.read(4 * 4096)).hexdigest()
+
+    assert write.stdout.split()[-2] == first_blocks   # the guest reads back the old data
+    assert md5_of(images["pmem_ro"]) == images["expected"]["pmem_ro"]
 
 
 def test_poweroff_leaves_written_qcow2_clean_for_qemu_img(vm, images):

@@ -29,7 +29,7 @@ def _regressions():
 
 
 def test_targets_are_discovered():
-    assert {"virtqueue", "block", "rng", "console", "virtio_pci", "pci_config",
+    assert {"virtqueue", "block", "rng", "console", "virtio_pci", "pci_config", "pmem",
             "proxy_reply", "keyvalue"} <= set(TARGETS)
 
 

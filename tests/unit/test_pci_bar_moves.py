@@ -184,3 +184,12 @@ def test_bar_moved_onto_another_device_does_not_take_its_place(setup):
 
     assert pci.mmio_bus.get_device(old) is None
     assert pci.mmio_bus.get_device(taken)[0].device is pci.devices[1]
+
+
+def test_bar_moved_over_a_pmem_region_is_not_mapped(setup):
+    pci, _ = setup
+    pmem = pci.allocate_high(2 << 20, 2 << 20)
+
+    move_bar0(pci, pmem)
+
+    assert pci.mmio_bus.get_device(pmem) is None

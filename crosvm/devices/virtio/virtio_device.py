@@ -212,11 +212,13 @@ class QueueWorker:
         self._asleep = False
         self._sleeping = threading.Event()
         self._wake = threading.Event()
+        self._ep: select.epoll | None = None
+        self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        ep = select.epoll()
+        ep = self._ep = select.epoll()
         actions: dict[int, Callable[[], None]] = {}
         for index, event in self._queue_events:
             actions[event.fd] = (lambda i=index, e=event: (e.wait(), self._serve(i, e)))
@@ -224,6 +226,7 @@ class QueueWorker:
             actions[self._interrupt.intx.resample.fd] = self._interrupt.resample
         for fd, callback in self._extra:
             actions[fd] = callback
+            self._watched.add(fd)
         for fd in actions:
             ep.register(fd, select.EPOLLIN)
         ep.register(self.kill.fd, select.EPOLLIN)
@@ -283,6 +286,26 @@ class QueueWorker:
             raise
         except Exception:  # a device bug must not take the VMM down; log and go on
             self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
+
+    def watch(self, fd: int, readable: bool, writable: bool = False) -> None:
+        """Choose what to wait for on one of the `extra` fds (its callback runs for
+        either); only from the worker's own callbacks. A device with nowhere to put
+        input stops polling its source (leaving it to the source's own bounded queue)
+        instead of spinning on it, and waits for room only while output is held."""
+        if self._ep is None:
+            return
+        events = (select.EPOLLIN if readable else 0) | (select.EPOLLOUT if writable else 0)
+        # Waiting for nothing means leaving the set: epoll reports a hang-up whatever
+        # was asked for, and a closed peer would wake the worker forever.
+        if not events:
+            if fd in self._watched:
+                self._ep.unregister(fd)
+                self._watched.discard(fd)
+        elif fd in self._watched:
+            self._ep.modify(fd, events)
+        else:
+            self._ep.register(fd, events)
+            self._watched.add(fd)
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""

@@ -1,0 +1,255 @@
+"""End-to-end virtio-net: one sandboxed VM with three NICs, all inside its own netns.
+
+crosvm runs under `ip netns exec` in a namespace this module creates, so every frame
+stays in it. eth0 is a TAP the test opened itself (`--net tap-fd=`, with mrg-rxbuf);
+eth1 is one crosvm creates and addresses (`--net host-ip=`, vq-pairs=2); eth2 is
+user-mode networking through a passt crosvm starts (`--net passt`), which copies its
+addresses from a veth in the namespace. The guest pings the host and back, moves files
+over TCP both ways with busybox nc, gets an address by DHCP from passt and fetches a
+file from the namespace's loopback through it, and shows what was negotiated in sysfs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from crosvm.devices.virtio import net_proto as P
+from crosvm.net.tap import Tap
+from tests.guest_vm import GuestVm
+
+pytestmark = pytest.mark.e2e
+
+CLONE_NEWNET = 0x40000000
+MAC0, MAC1 = "52:54:00:12:34:01", "52:54:00:12:34:02"
+HOST0, GUEST0 = "10.77.0.1", "10.77.0.2"
+HOST1, GUEST1 = "10.78.0.1", "10.78.0.2"
+# passt copies the namespace's address and gateway for the guest, and maps the gateway
+# to the namespace's loopback.
+PASST_ADDR, PASST_GW = "10.88.0.5", "10.88.0.1"
+HTTP_PORT = 8088
+DHCP_SCRIPT = ("printf '%s\\n' '#!/bin/sh' '[ \"$1\" = bound ] || exit 0' "
+               "'ifconfig $interface $ip netmask $subnet' 'route add default gw $router' "
+               "> /tmp/dhcp.sh && chmod +x /tmp/dhcp.sh")
+TRANSFER_TIMEOUT = 600.0
+
+# A one-connection TCP peer run inside the namespace: `send PORT FILE` serves the file,
+# `recv PORT -` prints the sha256 and length of what it was sent.
+PEER = r"""
+import hashlib, socket, sys
+mode, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+if mode == "send":
+    with open(path, "rb") as f:
+        c.sendall(f.read())
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(65536):
+        pass
+else:
+    h, n = hashlib.sha256(), 0
+    while data := c.recv(1 << 16):
+        h.update(data)
+        n += len(data)
+    print(h.hexdigest(), n, flush=True)
+"""
+
+
+def in_ns(ns: str, *cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
+                          **kw)
+
+
+def open_tap_in(ns: str, name: str) -> Tap:
+    """Open TAP `name` inside `ns` from a helper thread: setns moves only that thread."""
+    result: dict = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                result["error"] = OSError(ctypes.get_errno(), "setns")
+                return
+            result["tap"] = Tap.open(name)
+        except Exception as e:  # handed to the test thread
+            result["error"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["tap"]
+
+
+@pytest.fixture(scope="module")
+def netns():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and TAP devices need root")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun on this machine")
+    name = f"pcvm-net-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        in_ns(name, "ip", "link", "set", "lo", "up", check=True)
+        # passt's template: an interface with an address and a default route.
+        for cmd in (["ip", "link", "add", "pv0", "type", "veth", "peer", "name", "pv1"],
+                    ["ip", "addr", "add", f"{PASST_ADDR}/24", "dev", "pv0"],
+                    ["ip", "link", "set", "pv0", "up"], ["ip", "link", "set", "pv1", "up"],
+                    ["ip", "route", "add", "default", "via", PASST_GW]):
+            in_ns(name, *cmd, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def tap0(netns):
+    tap = open_tap_in(netns, "pcvmtap0")
+    in_ns(netns, "ip", "addr", "add", f"{HOST0}/24", "dev", tap.name, check=True)
+    in_ns(netns, "ip", "link", "set", tap.name, "up", check=True)
+    yield tap
+    tap.close()
+
+
+@pytest.fixture(scope="module")
+def vm(netns, tap0, kernel, initramfs, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("vm"))
+    fd = tap0.fds[0]
+    extra = ("--net", f"tap-fd={fd},mac={MAC0},mrg-rxbuf",
+             "--net", f"host-ip={HOST1},netmask=255.255.255.0,mac={MAC1},vq-pairs=2",
+             "--net", "passt")
+    with GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra,
+                 pass_fds=(fd,), prefix=("ip", "netns", "exec", netns)) as g:
+        g.wait_ready()
+        for command in ("ip link set eth0 up", f"ip addr add {GUEST0}/24 dev eth0",
+                        "ip link set eth1 up", f"ip addr add {GUEST1}/24 dev eth1"):
+            setup = g.run(command)
+            assert setup.returncode == 0, (command, setup.stderr)
+        yield g
+
+
+def start_peer(ns: str, mode: str, port: int, path: str = "-") -> subprocess.Popen:
+    peer = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER, mode,
+                             str(port), path], stdout=subprocess.PIPE, text=True)
+    assert peer.stdout.readline().strip() == "ready"
+    return peer
+
+
+def features(vm: GuestVm, iface: str) -> str:
+    return vm.run(f"cat /sys/class/net/{iface}/device/features").stdout.strip()
+
+
+def test_guest_macs_come_from_config_space(vm):
+    out = vm.run("cat /sys/class/net/eth0/address /sys/class/net/eth1/address").stdout.split()
+
+    assert out == [MAC0, MAC1]
+
+
+def test_guest_pings_host_five_times(vm):
+    result = vm.run(f"ping -c 5 -W 10 {HOST0}")
+
+    assert (result.returncode, "5 packets received" in result.stdout) == (0, True), result.stdout
+
+
+def test_host_pings_guest_five_times(vm, netns):
+    result = in_ns(netns, "busybox", "ping", "-c", "5", "-W", "10", GUEST0)
+
+    assert (result.returncode, "5 packets received" in result.stdout) == (0, True), result.stdout
+
+
+def test_file_moves_host_to_guest_over_tcp(vm, netns, tmp_path):
+    data = os.urandom(2 << 20)
+    path = tmp_path / "to_guest.bin"
+    path.write_bytes(data)
+    peer = start_peer(netns, "send", 5001, str(path))
+
+    result = vm.run(f"nc {HOST0} 5001 > /tmp/in.bin && sha256sum /tmp/in.bin",
+                    timeout=TRANSFER_TIMEOUT)
+    peer.wait(30)
+
+    assert result.stdout.split()[:1] == [hashlib.sha256(data).hexdigest()], result.stderr
+
+
+def test_file_moves_guest_to_host_over_tcp(vm, netns):
+    peer = start_peer(netns, "recv", 5002)
+
+    result = vm.run(f"nc {HOST0} 5002 < /bin/busybox; sha256sum /bin/busybox",
+                    timeout=TRANSFER_TIMEOUT)
+    got, _ = peer.communicate(timeout=60)
+
+    assert result.stdout.split()[:1] == got.split()[:1], (result.stdout, got)
+
+
+def test_offloads_and_mergeable_buffers_are_negotiated(vm):
+    bits = features(vm, "eth0")
+
+    wanted = (P.F_CSUM, P.F_GUEST_CSUM, P.F_GUEST_TSO4, P.F_HOST_TSO4, P.F_MRG_RXBUF)
+    assert [bits[b] for b in wanted] == ["1"] * len(wanted), bits
+
+
+def test_big_tcp_segments_reach_the_guest_in_one_chain(vm):
+    # Runs after the host->guest transfer: with GUEST_TSO4 the TAP hands over GSO
+    # frames, so the guest counts fewer, larger packets than the 1500-byte MTU allows.
+    out = vm.run("cat /sys/class/net/eth0/statistics/rx_bytes "
+                 "/sys/class/net/eth0/statistics/rx_packets").stdout.split()
+
+    rx_bytes, rx_packets = int(out[0]), int(out[1])
+    assert rx_bytes / rx_packets > 1514, (rx_bytes, rx_packets)
+
+
+def test_multiqueue_nic_has_two_queue_pairs_and_no_mergeable_buffers(vm):
+    queues = vm.run("ls /sys/class/net/eth1/queues").stdout.split()
+    bits = features(vm, "eth1")
+
+    assert (queues, bits[P.F_MQ], bits[P.F_MRG_RXBUF]) == (
+        ["rx-0", "rx-1", "tx-0", "tx-1"], "1", "0")
+
+
+def test_multiqueue_nic_on_a_crosvm_created_tap_carries_traffic(vm):
+    result = vm.run(f"ping -c 3 -W 10 {HOST1}")
+
+    assert (result.returncode, "3 packets received" in result.stdout) == (0, True), result.stdout
+
+
+@pytest.fixture(scope="module")
+def http_server(netns, tmp_path_factory):
+    """A static HTTP server on the namespace's loopback: what passt's gateway maps to."""
+    root = tmp_path_factory.mktemp("www")
+    data = os.urandom(1 << 20)
+    (root / "file.bin").write_bytes(data)
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "http.server",
+                               "--bind", "127.0.0.1", "--directory", str(root),
+                               str(HTTP_PORT)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    yield hashlib.sha256(data).hexdigest()
+    server.kill()
+    server.wait()
+
+
+def test_passt_gives_the_guest_an_address_by_dhcp(vm):
+    result = vm.run(f"{DHCP_SCRIPT} && ip link set eth2 up && "
+                    "udhcpc -i eth2 -n -q -t 10 -T 3 -s /tmp/dhcp.sh && "
+                    "ip -4 -o addr show eth2", timeout=TRANSFER_TIMEOUT)
+
+    assert f"inet {PASST_ADDR}/24" in result.stdout, (result.stdout, result.stderr)
+
+
+def test_passt_guest_fetches_a_file_from_the_host_loopback(vm, http_server):
+    result = vm.run(f"wget -q -O /tmp/w.bin http://{PASST_GW}:{HTTP_PORT}/file.bin && "
+                    "sha256sum /tmp/w.bin", timeout=TRANSFER_TIMEOUT)
+
+    assert result.stdout.split()[:1] == [http_server], (result.stdout, result.stderr)
