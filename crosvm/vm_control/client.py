@@ -15,11 +15,10 @@ class ControlError(Exception):
     """The VM could not be reached, or it refused the request."""
 
 
-def handle_request(request: object, path: str, timeout: float | None = None) -> object:
-    """Send `request` (e.g. "Exit") to the VM listening on `path`; its response
-    (waiting at most `timeout` seconds, TIMEOUT by default)."""
+def handle_request(request: object, path: str) -> object:
+    """Send `request` (e.g. "Exit") to the VM listening on `path`; its response."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(TIMEOUT if timeout is None else timeout)
+        s.settimeout(TIMEOUT)
         try:
             s.connect(path)
             s.send(json.dumps(request).encode())
