@@ -195,13 +195,8 @@ class Block(V.VirtioDevice):
     # -- lifecycle --------------------------------------------------------------
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:
-        if len(queues) != 1:
-            raise ValueError(f"expected 1 queue, got {len(queues)}")
-        _, queue, event = queues[0]
-        self.worker = V.QueueWorker(
-            "v_block", interrupt, [(0, event)],
-            lambda _: V.process_queue(mem, queue, interrupt,
-                                      lambda chain: self.process_chain(mem, chain)))
+        self.serve_single_queue("v_block", mem, interrupt, queues,
+                                lambda chain: self.process_chain(mem, chain))
 
     def close(self) -> None:
         super().close()

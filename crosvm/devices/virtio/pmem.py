@@ -208,14 +208,9 @@ class Pmem(V.VirtioDevice):
 
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:
-        if len(queues) != 1:
-            raise ValueError(f"expected 1 queue, got {len(queues)}")
-        _, queue, event = queues[0]
-        self.worker = V.QueueWorker(
-            "v_pmem", interrupt, [(0, event)],
-            lambda _: V.process_queue(mem, queue, interrupt,
-                                      lambda chain: self.process_chain(mem, chain)))
+        self.serve_single_queue("v_pmem", mem, interrupt, queues,
+                                lambda chain: self.process_chain(mem, chain))
 
     def close(self) -> None:
-        self.reset()
+        super().close()
         self.file.close()

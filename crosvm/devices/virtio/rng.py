@@ -30,17 +30,11 @@ class Rng(V.VirtioDevice):
 
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:
-        if len(queues) != 1:
-            raise ValueError(f"expected 1 queue, got {len(queues)}")
-        _, queue, event = queues[0]
-
         def fill(chain: DescriptorChain) -> int:
             writer = Writer(mem, chain)
             return writer.read_from_fd(self.random_fd, writer.available_bytes(), None)
 
-        self.worker = V.QueueWorker(
-            "v_rng", interrupt, [(0, event)],
-            lambda _: V.process_queue(mem, queue, interrupt, fill))
+        self.serve_single_queue("v_rng", mem, interrupt, queues, fill)
 
     def close(self) -> None:
         super().close()

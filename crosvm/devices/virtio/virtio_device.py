@@ -141,6 +141,17 @@ class VirtioDevice:
                  queues: list[tuple[int, Queue, Event]]) -> None:
         raise NotImplementedError
 
+    def serve_single_queue(self, name: str, mem: GuestMemory, interrupt: Interrupt,
+                           queues: list[tuple[int, Queue, Event]],
+                           handle_chain: Callable[[DescriptorChain], int]) -> None:
+        """`activate` for a device with one queue whose chains are served one at a time
+        by `handle_chain` (block, rng, pmem)."""
+        if len(queues) != 1:
+            raise ValueError(f"expected 1 queue, got {len(queues)}")
+        _, queue, event = queues[0]
+        self.worker = QueueWorker(name, interrupt, [(0, event)],
+                                  lambda _: process_queue(mem, queue, interrupt, handle_chain))
+
     def reset(self) -> bool:
         """Stop the worker and take the queues back (`WorkerStuck` if it will not stop);
         False if the device cannot reset."""
