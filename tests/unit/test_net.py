@@ -4,13 +4,13 @@ for the TAP (one datagram per frame, vnet header first, like a TAP with IFF_VNET
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 
 import pytest
 
 from crosvm.base import Event
+from tests.unit.interrupts import Line, wait_signalled
 from crosvm.devices.virtio import net_proto as P
 from crosvm.devices.virtio.driver import QueueDriver
 from crosvm.devices.virtio.net import Net
@@ -20,16 +20,6 @@ from crosvm.vm_memory import GuestMemory
 FRAME = bytes(range(256)) * 4  # 1 KiB of "Ethernet frame"
 CSUM_TSO = 1 << P.F_CSUM | 1 << P.F_HOST_TSO4
 GUEST_OFFLOADS = 1 << P.F_GUEST_CSUM | 1 << P.F_GUEST_TSO4 | 1 << P.F_GUEST_UFO
-
-
-class Line:
-    def __init__(self) -> None:
-        self.trigger = Event()
-        self.resample = Event()
-
-
-def wait_signalled(event: Event, timeout: float = 5.0) -> bool:
-    return bool(select.select([event.fd], [], [], timeout)[0]) and event.wait() > 0
 
 
 class Rig:

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import select
 
 import pytest
 
 from crosvm.base import Event
+from tests.unit.interrupts import Line, wait_signalled
 from crosvm.devices.output_buffer import DEFAULT_LIMIT as OUTPUT_LIMIT
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.driver import QueueDriver
 from crosvm.devices.virtio.rng import Rng
 from crosvm.devices.virtio.virtio_device import Interrupt
 from crosvm.vm_memory import GuestMemory
-
-
-class Line:
-    """An INTx line whose trigger the test can wait on."""
-
-    def __init__(self) -> None:
-        self.trigger = Event()
-        self.resample = Event()
-
-
-def wait_signalled(event: Event, timeout: float = 5.0) -> bool:
-    return bool(select.select([event.fd], [], [], timeout)[0]) and event.wait() > 0
 
 
 @pytest.fixture
