@@ -320,8 +320,11 @@ UART_FLOOD_BYTES = 200_000  # more than the pipe (64 KiB) and the UART's buffer 
 def test_uart_output_nobody_reads_for_30s_keeps_vm_running_and_arrives_once_read(
         vm, unread_pipe):
     r, _ = unread_pipe
-    vm.run(f"stty -F /dev/ttyS2 raw -echo; (head -c {UART_FLOOD_BYTES} /dev/zero "
-           f"| tr '\\0' x > /dev/ttyS2; echo done > /tmp/flood) >/dev/null 2>&1 &")
+    # In the background, where the harness cannot run it again: the loop restarts a
+    # pipeline that the host's process-start fault killed before it wrote anything.
+    vm.run(f"stty -F /dev/ttyS2 raw -echo && (set -o pipefail; until head -c "
+           f"{UART_FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS2; do sleep 1; done; "
+           f"echo done > /tmp/flood) >/dev/null 2>&1 &")
     answers = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # nobody reads COM3's pipe meanwhile
