@@ -92,6 +92,9 @@ class Config:
     no_i8042: bool = False
     no_rtc: bool = False
     no_rng: bool = False
+    no_balloon: bool = False
+    balloon_bias_mib: int = 0
+    balloon_page_reporting: bool = False
     disable_sandbox: bool = False
     pivot_root: str = "/var/empty"
     socket: str | None = None  # the control socket (-s/--socket)

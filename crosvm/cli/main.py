@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from crosvm import __version__
+from crosvm.cli.control_commands import COMMANDS as CONTROL_COMMANDS, ControlUsageError
 from crosvm.cli.disk_commands import cmd_create_composite, cmd_create_qcow2
 from crosvm.cli.config_file import ConfigFileError, build_config, load_cfg, merge, normalize
 from crosvm.cli.options import BY_LONG, BY_SHORT, run_help
@@ -24,6 +25,12 @@ Commands:
   create_composite  Create a composite disk: crosvm create_composite PATH LABEL:PARTITION...
   create_qcow2      Create a qcow2 image: crosvm create_qcow2 PATH [SIZE] [--backing-file F]
   stop      Stop a VM: crosvm stop VM_SOCKET
+  suspend / resume [--full] VM_SOCKET   Pause or resume a VM (--full: devices too)
+  powerbtn / sleepbtn VM_SOCKET         Press the VM's ACPI power or sleep button
+  gpe N VM_SOCKET                       Raise ACPI general-purpose event N
+  disk resize INDEX SIZE VM_SOCKET      Resize a VM's disk
+  balloon NUM_BYTES VM_SOCKET [--wait]  Set the VM's balloon size
+  balloon_stats VM_SOCKET               Print the guest's memory statistics as JSON
   version   Show package version
 
 Global options:
@@ -200,7 +207,8 @@ def cmd_stop(args: list[str]) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version,
-            "create_qcow2": cmd_create_qcow2, "create_composite": cmd_create_composite}
+            "create_qcow2": cmd_create_qcow2, "create_composite": cmd_create_composite,
+            **CONTROL_COMMANDS}
 
 
 def check_utf8(args: list[str]) -> None:
@@ -221,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
-    except UsageError as e:
-        return _fail(str(e), ExitCode.INVALID_ARGS)
+    except (UsageError, ControlUsageError) as e:
+        return _fail(str(e).split("\n")[0], ExitCode.INVALID_ARGS)
     except StdoutError as e:  # a closed pipe has an empty message: exit 1, quietly
         return _fail(e.message, ExitCode.ERROR)
     except KeyboardInterrupt as e:  # SIGINT, or a stop signal, before the VM ran

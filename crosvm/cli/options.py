@@ -146,6 +146,12 @@ RUN_OPTIONS: list[Option] = [
     Option("no-i8042", "flag", "do not emulate the i8042 keyboard controller"),
     Option("no-rtc", "flag", "do not emulate the CMOS real-time clock"),
     Option("no-rng", "flag", "do not add a virtio-rng device"),
+    Option("no-balloon", "flag", "do not add a virtio-balloon device"),
+    Option("balloon-bias-mib", "value", "how far to bias the memory balance between host "
+           "and guest as the balloon inflates, in MiB (kept for the host's policy)",
+           value_type="int", metavar="N"),
+    Option("balloon-page-reporting", "flag", "let the guest report free pages to the "
+           "balloon, which gives them back to the host"),
     Option("socket", "value", "path of the control socket (`crosvm stop PATH`); for a "
            "directory, crosvm-<pid>.sock inside it", short="s", value_type="path",
            metavar="PATH"),

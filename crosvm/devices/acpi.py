@@ -18,6 +18,10 @@ PM1_CNT_SLP_TYP_SHIFT = 10
 PM1_CNT_SLP_TYP_MASK = 0x7 << PM1_CNT_SLP_TYP_SHIFT
 PM1_CNT_SLP_EN = 1 << 13
 RESET_CPU = 0x04
+# Fixed events (ACPI 6.x, 4.8.3.1): PM1 status and enable bits.
+PM1_PWRBTN = 1 << 8
+PM1_SLPBTN = 1 << 9
+NUM_GPES = 16  # GPE0 here is 2 bytes of status and 2 of enable
 
 
 def _get(data: bytes | memoryview) -> int:
@@ -28,8 +32,12 @@ class AcpiPm(BusDevice):
     """PM1a event (4 bytes), PM1a control (2), GPE0 (4) and the 0xCF9 reset port."""
 
     def __init__(self, ports: PmPorts, poweroff: Callable[[], None],
-                 reset: Callable[[], None]) -> None:
+                 reset: Callable[[], None],
+                 sci: Callable[[bool], None] | None = None) -> None:
+        """`sci(level)` drives the SCI line: asserted while an enabled event is pending."""
         self.ports = ports
+        self._sci = sci
+        self._sci_level = False
         self._poweroff = poweroff
         self._reset = reset
         self._lock = threading.Lock()
@@ -78,5 +86,41 @@ class AcpiPm(BusDevice):
                         regs[pos] &= ~byte & 0xFF   # status bits are write-1-to-clear
                     else:
                         regs[pos] = byte
+            self._update_sci()
         if action is not None:
             action()
+
+    # -- events from the host (`crosvm powerbtn`, `sleepbtn`, `gpe N`) ---------------
+    def power_button(self) -> None:
+        """Press the fixed power button: PWRBTN_STS, and an SCI if the OS enabled it."""
+        self._raise_pm1(PM1_PWRBTN)
+
+    def sleep_button(self) -> None:
+        """Press the fixed sleep button."""
+        self._raise_pm1(PM1_SLPBTN)
+
+    def gpe(self, number: int) -> None:
+        """Set general-purpose event `number`'s status bit; ValueError if out of range."""
+        if not 0 <= number < NUM_GPES:
+            raise ValueError(f"GPE {number} is out of range (0..{NUM_GPES - 1})")
+        with self._lock:
+            self.gpe0[number // 8] |= 1 << (number % 8)
+            self._update_sci()
+
+    def _raise_pm1(self, bit: int) -> None:
+        with self._lock:
+            status = int.from_bytes(self.regs[0:2], "little") | bit
+            self.regs[0:2] = status.to_bytes(2, "little")
+            self._update_sci()
+
+    def _pending(self) -> bool:
+        pm1 = int.from_bytes(self.regs[0:2], "little") & int.from_bytes(self.regs[2:4], "little")
+        gpe = int.from_bytes(self.gpe0[0:2], "little") & int.from_bytes(self.gpe0[2:4], "little")
+        return bool(pm1 or gpe)
+
+    def _update_sci(self) -> None:
+        """Called with the lock held: the SCI follows (status & enable), level-triggered."""
+        level = self._pending()
+        if level != self._sci_level and self._sci is not None:
+            self._sci(level)
+        self._sci_level = level

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # extra (bus address / byte within register), then data.
 REQ = struct.Struct("<BBBQQ")
 OP_BUS_READ, OP_BUS_WRITE, OP_CFG_READ, OP_CFG_WRITE, OP_BAR_READ, OP_BAR_WRITE = range(1, 7)
+OP_CONTROL = 7  # index: a crosvm.devices.control code, offset: its argument
 OP_SHUTDOWN = 15
 # Reply: status, number of actions; then data, then actions.
 REPLY = struct.Struct("<BB")
@@ -140,6 +141,8 @@ def _serve(device: object, sock: socket.socket, host: HostRequests) -> None:
             out = bytes(buf)
         elif is_pci and op == OP_BAR_WRITE:
             device.write_bar(index, offset, data)
+        elif op == OP_CONTROL and hasattr(device, "control"):
+            out = device.control(index, offset)[:255]
         actions = host.queued[:255]
         sock.send(REPLY.pack(0, len(actions)) + bytes([len(out)]) + out + b"".join(actions))
     close = getattr(device, "close", None)
@@ -363,3 +366,10 @@ class PciProxy(ProxyBase, PciDevice):
 
     def write_bar(self, index: int, offset: int, data: bytes | memoryview) -> None:
         self._call(OP_BAR_WRITE, index=index, offset=offset, data=data)
+
+    def control(self, code: int, arg: int) -> bytes:
+        """A run-time request (crosvm.devices.control) to the device process; its
+        encoded result, which the caller checks with `decode_result`."""
+        if not 0 <= code <= 0xFF or not 0 <= arg < 1 << 64:
+            return b""
+        return self._call(OP_CONTROL, index=code, offset=arg) or b""

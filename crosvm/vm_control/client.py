@@ -15,10 +15,11 @@ class ControlError(Exception):
     """The VM could not be reached, or it refused the request."""
 
 
-def handle_request(request: object, path: str) -> object:
-    """Send `request` (e.g. "Exit") to the VM listening on `path`; its response."""
+def handle_request(request: object, path: str, timeout: float | None = None) -> object:
+    """Send `request` (e.g. "Exit") to the VM listening on `path`; its response
+    (waiting at most `timeout` seconds, TIMEOUT by default)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(TIMEOUT)
+        s.settimeout(TIMEOUT if timeout is None else timeout)
         try:
             s.connect(path)
             s.send(json.dumps(request).encode())

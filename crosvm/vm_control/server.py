@@ -41,6 +41,16 @@ CLIENT_TIMEOUT = 5.0    # seconds a connection may stay open without sending a r
 Handler = Callable[..., object]
 
 
+class Deferred:
+    """A handler's answer that takes time (waiting for the guest or a device process):
+    `work()` runs on a thread of its own and its return value is the response. The
+    client's connection stays open meanwhile, without a deadline; other clients are
+    served as usual. At most MAX_CLIENTS run at once (one per connection)."""
+
+    def __init__(self, work: Callable[[], object]) -> None:
+        self.work = work
+
+
 def socket_path(path: str) -> str:
     """crosvm's rule: for a directory, the socket is `crosvm-<pid>.sock` inside it."""
     if os.path.isdir(path):
@@ -104,6 +114,7 @@ def _stale(path: str) -> bool:
 class _Client:
     sock: socket.socket
     deadline: float
+    busy: bool = False  # a Deferred answer is being worked out
 
 
 class ControlServer:
@@ -121,6 +132,9 @@ class ControlServer:
         atexit.register(self._remove_socket)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._clients: dict[int, _Client] = {}
+        self._done_r, self._done_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._done: list[tuple[_Client, object]] = []
+        self._done_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="vm_control", daemon=True)
 
     def start(self) -> None:
@@ -132,6 +146,7 @@ class ControlServer:
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._done_r, select.POLLIN)
         try:
             while True:
                 try:
@@ -149,17 +164,21 @@ class ControlServer:
         """Waits for and handles one batch of events; False when asked to stop."""
         now = time.monotonic()
         for fd, client in list(self._clients.items()):
-            if client.deadline <= now:
+            if client.deadline <= now and not client.busy:
                 log.warning("control socket: a client sent no request in %.0f s; dropped",
                             CLIENT_TIMEOUT)
                 self._drop(poller, fd)
         timeout = None
-        if self._clients:
-            next_deadline = min(c.deadline for c in self._clients.values())
+        waiting = [c.deadline for c in self._clients.values() if not c.busy]
+        if waiting:
+            next_deadline = min(waiting)
             timeout = max(0, int((next_deadline - now) * 1000) + 1)
         for fd, events in poller.poll(timeout):
             if fd == self._stop_r:
                 return False
+            if fd == self._done_r:
+                self._finish_deferred(poller)
+                continue
             if fd == self.sock.fileno():
                 self._accept(poller)
             elif fd in self._clients:
@@ -206,9 +225,47 @@ class ControlServer:
             self._drop(poller, fd)
             return
         client.deadline = time.monotonic() + CLIENT_TIMEOUT
+        if client.busy:  # one request at a time per connection, as crosvm's Tube
+            self._send(client, err_string("a request is already in progress"))
+            return
         response, well_formed = self._answer(raw)
+        if isinstance(response, Deferred):
+            client.busy = True
+            threading.Thread(target=self._run_deferred, args=(client, response),
+                             name="vm_control_deferred", daemon=True).start()
+            return
         if not self._send(client, response) or not well_formed:
             self._drop(poller, fd)
+
+    def _run_deferred(self, client: _Client, deferred: Deferred) -> None:
+        try:
+            response = deferred.work()
+        except Exception as e:  # noqa: BLE001 - reported to the client, like a handler's
+            log.warning("control socket: a request failed: %s: %s", type(e).__name__, e)
+            response = err_string(f"request failed: {e}")
+        with self._done_lock:
+            self._done.append((client, response))
+        try:
+            os.write(self._done_w, b"x")
+        except OSError:
+            pass  # the pipe is full: the server is already due to look
+
+    def _finish_deferred(self, poller: select.poll) -> None:
+        try:
+            while os.read(self._done_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._done_lock:
+            done, self._done = self._done, []
+        for client, response in done:
+            fd = client.sock.fileno()
+            if self._clients.get(fd) is not client:
+                continue  # the client went away meanwhile
+            client.busy = False
+            client.deadline = time.monotonic() + CLIENT_TIMEOUT
+            if not self._send(client, response):
+                self._drop(poller, fd)
 
     @staticmethod
     def _send(client: _Client, response: object) -> bool:
@@ -259,7 +316,7 @@ class ControlServer:
         if self._thread.is_alive():
             self._thread.join(2.0)
         self.sock.close()
-        for fd in (self._stop_r, self._stop_w):
+        for fd in (self._stop_r, self._stop_w, self._done_r, self._done_w):
             os.close(fd)
         self._remove_socket()
         atexit.unregister(self._remove_socket)

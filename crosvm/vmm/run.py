@@ -26,6 +26,7 @@ from crosvm.devices.proxy import (BusProxy, DeviceProcess, HostRequests, PciProx
                                   describe_status, killing_signal)
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
+from crosvm.devices.virtio.balloon import Balloon
 from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
@@ -41,6 +42,7 @@ from crosvm.net.tap import TapError, open_net_taps
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
+from crosvm.vm_control.handlers import vm_handlers
 from crosvm.vm_control.signals import install_stop_signals
 from crosvm.vmm.exit import ExitCode, ExitState
 from crosvm.vmm.pci import PciSetup
@@ -138,7 +140,7 @@ class Vm:
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
         self.control: ControlServer | None = None
         if cfg.socket:  # after every device fork: no device process inherits it
-            self.control = ControlServer(cfg.socket, {"Exit": self._exit_request})
+            self.control = ControlServer(cfg.socket, vm_handlers(self))
             self._closers.append(self.control.close)
 
     def _seccomp_policies(self) -> list[str]:
@@ -150,6 +152,8 @@ class Vm:
             policies.append(Pmem.seccomp_policy)
         if not cfg.no_rng:
             policies.append(Rng.seccomp_policy)
+        if not cfg.no_balloon:
+            policies.append(Balloon.seccomp_policy)
         if cfg.virtio_consoles():
             policies.append(Console.seccomp_policy)
         if cfg.nets:
@@ -248,7 +252,8 @@ class Vm:
             i8042 = I8042(self.exit_state.reset, self.irq_event(I8042_IRQ))
             self.io_bus.insert(i8042, 0x60, 1)
             self.io_bus.insert(i8042, 0x64, 1)
-        pm = AcpiPm(self.pm_ports, self.exit_state.poweroff, self.exit_state.reset)
+        pm = AcpiPm(self.pm_ports, self.exit_state.poweroff, self.exit_state.reset,
+                    sci=lambda level: self.vm.set_irq_line(self.pm_ports.sci_irq, level))
         for base, length in pm.ranges():
             self.io_bus.insert(pm, base, length)
         self.acpi_pm = pm
@@ -260,15 +265,21 @@ class Vm:
                             phys_address_bits(self._cpuid), reset_port=self.acpi_pm,
                             spawn=self._spawn_pci if self.jail is not None else None)
         self._closers.append(self.pci.close)
+        self.block_targets: list[PciDevice] = []  # by disk index, for `crosvm disk`
         for disk in cfg.disks:
             image = open_disk(disk.path, read_only=disk.ro, direct=disk.direct,
                               sparse=disk.sparse)
-            self.pci.add_virtio(Block(image, disk.block_size,
-                                      disk.id.encode() if disk.id is not None else None))
+            self.block_targets.append(self._bus_target(self.pci.add_virtio(
+                Block(image, disk.block_size,
+                      disk.id.encode() if disk.id is not None else None))))
         for params in cfg.pmems:
             self.pci.add_virtio(self._pmem(params.path, params.ro))
         if not cfg.no_rng:
             self.pci.add_virtio(Rng())
+        self.balloon_target: PciDevice | None = None  # for `crosvm balloon`
+        if not cfg.no_balloon:
+            self.balloon_target = self._bus_target(self.pci.add_virtio(
+                Balloon(page_reporting=cfg.balloon_page_reporting)))
         for params in cfg.virtio_consoles():
             out = open_output(params)
             if out is not None:
@@ -296,6 +307,18 @@ class Vm:
         self.pci.add(PvPanic(lambda: host.request_exit(ExitCode.GUEST_PANIC)), host)
         for device in self.extra_pci_devices:
             self.pci.add(device)
+
+    def _bus_target(self, device: PciDevice) -> PciDevice:
+        """What serves `device` on the bus: itself, or the proxy to its process (which
+        shares its config object)."""
+        for target in self.pci.root.devices.values():
+            if target is device or target.config is device.config:
+                return target
+        raise LookupError(device.debug_label())
+
+    def virtio_targets(self) -> list[PciDevice]:
+        """Every virtio device as the VMM reaches it (for `suspend --full`)."""
+        return [self._bus_target(d) for d in self.pci.devices if hasattr(d, "control")]
 
     def _pmem(self, path: str, read_only: bool) -> Pmem:
         """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""

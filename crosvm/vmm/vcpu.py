@@ -23,6 +23,11 @@ _libc.ioctl.restype = ctypes.c_int
 # Signal used to kick a vCPU thread out of KVM_RUN (its handler does nothing).
 KICK_SIGNAL = signal.SIGRTMIN + 1
 
+# _IO(KVMIO, 0xad): tell the guest's kvmclock the vCPU was stopped by the host, so its
+# soft-lockup watchdog does not count the pause.
+KVM_KVMCLOCK_CTRL = 0xAEAD
+PARK_POLL = 0.2  # how often a parked vCPU looks at the exit state
+
 _MMIO_DATA_OFFSET = B.kvm_run.exit.offset + B._kvm_run_mmio.data.offset
 
 
@@ -76,6 +81,35 @@ class VcpuThread:
         self.exit_state = exit_state
         self.thread = threading.Thread(target=self._run, name=f"crosvm_vcpu{vcpu.id}",
                                        daemon=True)
+        self._may_run = threading.Event()  # cleared by suspend(): park outside KVM_RUN
+        self._may_run.set()
+        self.parked = threading.Event()
+
+    def suspend(self) -> None:
+        """Park the vCPU outside KVM_RUN (`crosvm suspend`); `parked` is set once it is."""
+        self._may_run.clear()
+        self.kick()
+
+    def resume(self) -> None:
+        """Let a parked vCPU run again."""
+        self._may_run.set()
+
+    def is_parked(self) -> bool:
+        """Parked, or not running at all (not started yet, or ended)."""
+        return self.parked.is_set() or not self.thread.is_alive()
+
+    def _park(self) -> None:
+        self.parked.set()
+        try:
+            while not self._may_run.wait(PARK_POLL):
+                if self.exit_state.is_set():
+                    return
+        finally:
+            self.parked.clear()
+        self.vcpu.run_page.immediate_exit = 0
+        if _libc.ioctl(self.vcpu.fd, KVM_KVMCLOCK_CTRL, 0) < 0:
+            # EINVAL: the guest has not set up kvmclock; nothing to tell it.
+            log.debug("vcpu %d: KVM_KVMCLOCK_CTRL: errno %d", self.vcpu.id, ctypes.get_errno())
 
     def start(self) -> None:
         self.thread.start()
@@ -124,10 +158,16 @@ class VcpuThread:
         exit_state = self.exit_state
         ioctl = _libc.ioctl
         KVM_RUN = B.KVM_RUN
+        may_run = self._may_run
         while not exit_state.is_set():
+            if not may_run.is_set():
+                self._park()
+                continue
             if ioctl(fd, KVM_RUN, 0) < 0:
                 err = ctypes.get_errno()
                 if err in (errno.EINTR, errno.EAGAIN):
+                    if run.immediate_exit and may_run.is_set() and not exit_state.is_set():
+                        run.immediate_exit = 0  # a suspend kick that a resume overtook
                     continue
                 self._crash(f"vcpu {vcpu.id}: KVM_RUN failed: errno {err}")
                 return

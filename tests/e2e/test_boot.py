@@ -279,8 +279,8 @@ def test_every_device_runs_in_its_own_jailed_process(vm, mode):
     if mode == "disable-sandbox":
         assert pids == []
         return
-    # 4 UARTs, 3 disks, rng, virtio-console, pvpanic
-    assert len(pids) == 10
+    # 4 UARTs, 3 disks, rng, virtio-console, balloon (on by default, as crosvm), pvpanic
+    assert len(pids) == 11
     for pid in pids:
         status = proc_status(pid)
         assert status["NoNewPrivs"] == "1"

@@ -117,7 +117,7 @@ def build_mcfg(pci: PciLayout) -> bytes:
 
 
 FADT_WBINVD = 1 << 0
-FADT_SLP_BUTTON = 1 << 5  # no fixed sleep button
+FADT_SLP_BUTTON = 1 << 5  # set: no fixed sleep button (we have one: `crosvm sleepbtn`)
 FADT_RESET_REG_SUP = 1 << 10
 IAPC_BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 IAPC_BOOT_ARCH_8042 = 1 << 1
@@ -137,7 +137,7 @@ def build_fadt(dsdt_addr: int, facs_addr: int, ports: PmPorts, i8042: bool, rtc:
         struct.pack("<BBBBBBBB", 4, 2, 0, 0, 4, 0, 0, 0),
         struct.pack("<HHHHBBBBBHB", 0, 0, 0, 0, 0, 0, 0, 0, RTC_CENTURY_REG if rtc else 0,
                     boot_arch, 0),
-        struct.pack("<I", FADT_WBINVD | FADT_SLP_BUTTON | FADT_RESET_REG_SUP),
+        struct.pack("<I", FADT_WBINVD | FADT_RESET_REG_SUP),
         gas_io(ports.reset, 8),
         struct.pack("<BHB", ports.reset_value, 0, 3),   # reset value, ARM flags, minor 3
         struct.pack("<QQ", facs_addr, dsdt_addr),

@@ -192,6 +192,30 @@ class Block(V.VirtioDevice):
             else:
                 self.disk.write_zeroes(offset, length)
 
+    # -- run-time requests ------------------------------------------------------
+    def control(self, code: int, arg: int) -> tuple[bytes, bool]:
+        """`crosvm disk resize`: the image grows or shrinks to `arg` bytes (a multiple
+        of 512), with the worker paused so no request sees the disk half resized."""
+        from crosvm.devices.control import CTRL_RESIZE, DeviceControlError
+        if code != CTRL_RESIZE:
+            return super().control(code, arg)
+        if self.disk.read_only:
+            raise DeviceControlError(f"{self.disk.path}: the disk is read-only")
+        if arg == 0 or arg % SECTOR_SIZE:
+            raise DeviceControlError(f"size {arg} is not a positive multiple of {SECTOR_SIZE}")
+        worker = self.worker
+        if worker is not None and not worker.pause():
+            raise DeviceControlError(f"{self.disk.path}: the worker did not stop in time")
+        try:
+            self.disk.set_len(arg)
+        except OSError as e:
+            raise DeviceControlError(f"cannot resize {self.disk.path}: "
+                                     f"{e.strerror or e}") from None
+        finally:
+            if worker is not None:
+                worker.resume()
+        return b"", True
+
     # -- lifecycle --------------------------------------------------------------
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:

@@ -164,6 +164,13 @@ class VirtioDevice:
         """File descriptors the device needs besides guest memory and its events."""
         return []
 
+    def control(self, code: int, arg: int) -> tuple[bytes, bool]:
+        """A run-time request from the VMM (crosvm.devices.control codes other than
+        sleep/wake): (payload, whether config space changed). Raises
+        DeviceControlError to refuse."""
+        from crosvm.devices.control import DeviceControlError
+        raise DeviceControlError(f"{self.debug_label()} does not support this request")
+
     def close(self) -> None:
         """Stop for good (VM exit). A worker that will not stop is left to die with
         the process: the exit must go on."""
@@ -210,6 +217,12 @@ class QueueWorker:
         self._handle = handle
         self._extra = extra or []
         self._errors = RateLimitedLog(log)
+        # `pause()`: the worker finishes what it is doing, then takes no requests until
+        # `resume()`; kicks that arrive meanwhile stay in their eventfds.
+        self._sleep_event = Event()
+        self._asleep = False
+        self._sleeping = threading.Event()
+        self._wake = threading.Event()
         self._ep: select.epoll | None = None
         self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -228,6 +241,7 @@ class QueueWorker:
         for fd in actions:
             ep.register(fd, select.EPOLLIN)
         ep.register(self.kill.fd, select.EPOLLIN)
+        ep.register(self._sleep_event.fd, select.EPOLLIN)
         set_stop_check(lambda: self._stopping)
         try:
             # Buffers made available before activation (or before we registered) count too.
@@ -237,6 +251,10 @@ class QueueWorker:
                 for fd, _ in ep.poll():
                     if fd == self.kill.fd:
                         return
+                    if fd == self._sleep_event.fd:
+                        self._sleep_event.drain()
+                        self._sleep_until_woken()
+                        break  # poll again: the kill event may have come meanwhile
                     self._safe(actions[fd])
         except QueueError as e:
             self._interrupt.signal_needs_reset(str(e))
@@ -244,6 +262,29 @@ class QueueWorker:
             pass  # a request was abandoned half way: the driver is resetting the device
         finally:
             ep.close()
+
+    def _sleep_until_woken(self) -> None:
+        if not self._asleep:
+            return
+        self._sleeping.set()
+        try:
+            while self._asleep and not self._stopping:
+                self._wake.wait(0.2)
+        finally:
+            self._sleeping.clear()
+
+    def pause(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop taking requests once the current one is done; False if the worker did
+        not get there within `timeout`."""
+        self._wake.clear()
+        self._asleep = True
+        self._sleep_event.signal()
+        return self._sleeping.wait(timeout) or not self._thread.is_alive()
+
+    def resume(self) -> None:
+        """Take requests again (the kicks that came meanwhile are still pending)."""
+        self._asleep = False
+        self._wake.set()
 
     def _serve(self, index: int, event: Event) -> None:
         if self._handle(index):

@@ -321,6 +321,40 @@ class VirtioPciDevice(PciDevice):
             e.drain()
         self._reset_state()
 
+    # -- run-time requests from the VMM ----------------------------------------------
+    def control(self, code: int, arg: int) -> bytes:
+        """Serve a crosvm.devices.control request; the encoded result, never raises (it
+        runs in the device process, on the request the VMM sent)."""
+        from crosvm.devices import control as C
+        try:
+            if code not in C.CODES or not 0 <= arg <= C.MAX_ARG:
+                raise C.DeviceControlError(f"unknown device request {code}")
+            with self._lock:
+                worker = self.device.worker if self.activated else None
+                if code == C.CTRL_SLEEP:
+                    if worker is not None and not worker.pause():
+                        raise C.DeviceControlError(f"{self.device.debug_label()}: the "
+                                                   "worker did not stop in time")
+                    return C.encode_ok()
+                if code == C.CTRL_WAKE:
+                    if worker is not None:
+                        worker.resume()
+                    return C.encode_ok()
+                payload, config_changed = self.device.control(code, arg)
+                if config_changed:
+                    # virtio 1.x, 4.1.4.3: the driver rereads config when the
+                    # generation changes, and is told by the config interrupt.
+                    self.config_generation = (self.config_generation + 1) & 0xFF
+                    if self.activated:
+                        self.interrupt.signal_config_changed()
+                return C.encode_ok(payload)
+        except C.DeviceControlError as e:
+            return C.encode_error(str(e))
+        except Exception as e:  # noqa: BLE001 - a device bug refuses the request only
+            log.warning("%s: request %d failed: %s: %s", self.debug_label(), code,
+                        type(e).__name__, e)
+            return C.encode_error(f"{type(e).__name__}: {e}")
+
     def close(self) -> None:
         self.device.close()
 
