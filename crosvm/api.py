@@ -20,81 +20,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from crosvm import control
+from crosvm.agent import AgentError, ExecResult, GuestAgent
+
+__all__ = ["AgentError", "ExecResult", "Vm", "VmError"]
 
 STOP_GRACE = 30.0  # seconds `close()` waits for a stopped VM to exit before killing it
 
 
 class VmError(Exception):
-    """The VM exited, or its guest agent did not answer in time."""
-
-
-@dataclass
-class ExecResult:
-    """What a command run in the guest returned."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class _Agent:
-    """The host end of the guest agent's line protocol on COM2:
-    @@READY once, then per command @@BEGIN, O:/E: lines (a `-` after the tag: no
-    newline at the end), @@END <status>."""
-
-    def __init__(self, read_fd: int, write_fd: int) -> None:
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self.lines: list[str] = []
-        self.closed = False
-        self.cond = threading.Condition()
-        threading.Thread(target=self._reader, name="crosvm_agent", daemon=True).start()
-
-    def _reader(self) -> None:
-        pending = b""
-        while True:
-            try:
-                chunk = os.read(self.read_fd, 65536)
-            except OSError:
-                chunk = b""
-            with self.cond:
-                if not chunk:
-                    self.closed = True
-                    self.cond.notify_all()
-                    return
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                self.lines += [c.decode(errors="replace").rstrip("\r") for c in complete]
-                self.cond.notify_all()
-
-    def line(self, deadline: float, alive) -> str:
-        with self.cond:
-            while not self.lines:
-                if self.closed or not alive():
-                    raise VmError("the VM exited")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise VmError("the guest agent did not answer in time")
-                self.cond.wait(min(left, 0.5))
-            return self.lines.pop(0)
-
-    def send(self, command: str) -> None:
-        if "\n" in command:
-            raise ValueError("guest commands are single lines")
-        os.write(self.write_fd, command.encode() + b"\n")
-
-    def close(self) -> None:
-        for fd in (self.read_fd, self.write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """The VM was not started, or it was started without the guest agent."""
 
 
 class Vm:
@@ -103,37 +40,52 @@ class Vm:
     def __init__(self, kernel: str, *, initrd: str | None = None, mem: int = 256,
                  cpus: int = 1, blocks: Sequence[str] = (), params: Sequence[str] = (),
                  extra_args: Sequence[str] = (), agent: bool = False,
-                 workdir: str | None = None, socket_path: str | None = None) -> None:
+                 workdir: str | None = None, socket_path: str | None = None,
+                 control_socket: bool = True, console_hardware: str = "serial",
+                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = (),
+                 prefix: Sequence[str] = (), entry: str = "crosvm") -> None:
         """`blocks` are --block values (`path[,ro]...`); `params` kernel parameters;
         `extra_args` any other `crosvm run` options; `agent` connects COM2 to the
         guest agent for `exec`. Files (console log, VMM log, socket) go to `workdir`
-        (a new temporary directory by default)."""
+        (a new temporary directory by default). Without `control_socket` the VM has
+        no socket (unless `extra_args` give one) and `close()` kills it.
+
+        For running crosvm differently: `console_hardware` (`virtio-console` makes hvc0
+        the console), `env` added to its environment, `pass_fds` it inherits, `prefix`
+        a command to run it under (`ip netns exec NS`), `entry` the module run as
+        `python -m` instead of `crosvm`."""
         self.workdir = workdir or tempfile.mkdtemp(prefix="crosvm-vm-")
-        self.socket_path = socket_path or os.path.join(self.workdir, "crosvm.sock")
+        self.socket_path = (socket_path or os.path.join(self.workdir, "crosvm.sock")
+                            if control_socket else None)
         self.console_path = os.path.join(self.workdir, "console.log")
         self.log_path = os.path.join(self.workdir, "crosvm.log")
-        self.args = [sys.executable, "-m", "crosvm", "run", "--cpus", str(cpus),
-                     "--mem", str(mem), "-s", self.socket_path,
-                     "--serial", f"type=file,path={self.console_path},num=1,console"]
+        self.args = [*prefix, sys.executable, "-m", entry, "run", "--cpus", str(cpus),
+                     "--mem", str(mem),
+                     "--serial", f"type=file,path={self.console_path},num=1,console,"
+                                 f"hardware={console_hardware}"]
+        if self.socket_path is not None:
+            self.args += ["-s", self.socket_path]
         if initrd:
             self.args += ["--initrd", initrd]
         for block in blocks:
             self.args += ["--block", block]
         if params:
             self.args += ["-p", " ".join(params)]
-        self._agent: _Agent | None = None
-        self._pass_fds: tuple[int, ...] = ()
+        self.agent: GuestAgent | None = None
+        self._agent_fds: tuple[int, int] | None = None
         child_fds: list[int] = []
         if agent:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
             self.args += ["--serial", f"type=file,path=/proc/self/fd/{out_w},"
                                       f"input=/proc/self/fd/{in_r},num=2"]
-            self._agent = _Agent(out_r, in_w)
+            self._agent_fds = (out_r, in_w)
             child_fds = [out_w, in_r]
         self.args += [*extra_args, kernel]
         self.proc: subprocess.Popen | None = None
         self._child_fds = child_fds
+        self._pass_fds = tuple(pass_fds)
+        self._env = dict(env or {})
 
     @classmethod
     def start(cls, kernel: str, **options) -> "Vm":
@@ -146,54 +98,60 @@ class Vm:
         """Start `crosvm run`."""
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+            p for p in (package_root, os.environ.get("PYTHONPATH")) if p), **self._env}
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, pass_fds=self._child_fds,
+            self.proc = subprocess.Popen(self.args,
+                                         pass_fds=(*self._child_fds, *self._pass_fds),
                                          stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env)
+                                         stderr=subprocess.STDOUT, cwd=package_root,
+                                         env=env)
         for fd in self._child_fds:
             os.close(fd)
         self._child_fds = []
+        if self._agent_fds is not None:
+            self.agent = GuestAgent(*self._agent_fds, exited=lambda: not self._alive(),
+                                    describe=self.describe)
 
     # -- the guest ---------------------------------------------------------------------
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def describe(self) -> str:
+        """The VM's state and the ends of its log and console, for error messages."""
+        status = self.proc.poll() if self.proc is not None else None
+        state = "VM running" if status is None else f"VM exited (status {status})"
+        return f"{state}; log: {self.log_tail()}"
+
+    def log_tail(self, n: int = 2000) -> str:
+        """The last `n` characters of the VMM's log and of the console."""
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return text[-n:] + "\n--- console ---\n" + self.console()[-n:]
+
     def wait_ready(self, timeout: float = 600.0) -> None:
         """Wait for the guest agent's @@READY."""
-        agent = self._need_agent()
-        deadline = time.monotonic() + timeout
-        while agent.line(deadline, self._alive) != "@@READY":
-            pass
+        self._need_agent().wait_ready(timeout)
 
     def exec(self, command: str, timeout: float = 600.0) -> ExecResult:
         """Run a shell command line in the guest (through its agent)."""
-        self.send(command)
-        return self.read_answer(timeout)
+        return self._need_agent().run(command, timeout)
 
-    def send(self, command: str) -> None:
+    def send(self, command: str) -> int:
         """Send a command line to the guest agent without waiting (e.g. `poweroff`);
-        `read_answer` collects its result."""
-        self._need_agent().send(command)
+        returns its id, for `read_answer`."""
+        return self._need_agent().send(command)
 
-    def read_answer(self, timeout: float = 600.0) -> ExecResult:
-        """The result of the oldest command sent whose answer was not yet read."""
-        agent = self._need_agent()
-        deadline = time.monotonic() + timeout
-        while agent.line(deadline, self._alive) != "@@BEGIN":
-            pass
-        streams: dict[str, list[str]] = {"O": [], "E": []}
-        while True:
-            line = agent.line(deadline, self._alive)
-            if line.startswith("@@END "):
-                return ExecResult(int(line[6:]), "".join(streams["O"]), "".join(streams["E"]))
-            tag, _, text = line.partition(":")
-            streams.get(tag[:1], streams["E"]).append(text if tag.endswith("-") else text + "\n")
+    def read_answer(self, command_id: int, timeout: float = 600.0) -> ExecResult:
+        """The result of the command that `send` gave `command_id`."""
+        return self._need_agent().answer(command_id, f"command {command_id}", timeout)
 
-    def _need_agent(self) -> _Agent:
-        if self._agent is None:
-            raise VmError("the VM was started without agent=True")
-        return self._agent
+    def _need_agent(self) -> GuestAgent:
+        if self.agent is None:
+            raise VmError("the VM was not started, or without agent=True")
+        return self.agent
 
     def console(self) -> str:
         """Everything the guest wrote to its console so far."""
@@ -210,45 +168,64 @@ class Vm:
         return self.proc.wait(timeout)
 
     # -- control (crosvm.control over this VM's socket) --------------------------------
+    def _socket(self) -> str:
+        if self.socket_path is None:
+            raise VmError("the VM was started without a control socket")
+        return self.socket_path
+
     def stop(self) -> None:
-        control.stop(self.socket_path)
+        control.stop(self._socket())
 
     def suspend(self, full: bool = False) -> None:
-        control.suspend(self.socket_path, full)
+        control.suspend(self._socket(), full)
 
     def resume(self, full: bool = False) -> None:
-        control.resume(self.socket_path, full)
+        control.resume(self._socket(), full)
 
     def powerbtn(self) -> None:
-        control.powerbtn(self.socket_path)
+        control.powerbtn(self._socket())
 
     def sleepbtn(self) -> None:
-        control.sleepbtn(self.socket_path)
+        control.sleepbtn(self._socket())
 
     def gpe(self, number: int) -> None:
-        control.gpe(self.socket_path, number)
+        control.gpe(self._socket(), number)
 
     def disk_resize(self, index: int, new_size: int) -> None:
-        control.disk_resize(self.socket_path, index, new_size)
+        control.disk_resize(self._socket(), index, new_size)
 
     def balloon(self, num_bytes: int, wait: bool = False) -> None:
-        control.balloon(self.socket_path, num_bytes, wait)
+        control.balloon(self._socket(), num_bytes, wait)
 
     def balloon_stats(self) -> control.BalloonStats:
-        return control.balloon_stats(self.socket_path)
+        return control.balloon_stats(self._socket())
 
     # -- lifetime ----------------------------------------------------------------------
+    def kill(self) -> None:
+        """SIGKILL the VM (if it runs) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def close(self) -> None:
         """Stop the VM if it still runs (control socket, then SIGKILL) and reap it."""
         if self.proc is not None and self.proc.poll() is None:
+            if self.socket_path is None:
+                self.kill()
+            else:
+                try:
+                    self.stop()
+                    self.proc.wait(STOP_GRACE)
+                except (control.ControlError, subprocess.TimeoutExpired):
+                    self.kill()
+        fds = self._agent_fds or ()
+        self._agent_fds = None
+        for fd in (*fds, *self._child_fds):
             try:
-                self.stop()
-                self.proc.wait(STOP_GRACE)
-            except (control.ControlError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        if self._agent is not None:
-            self._agent.close()
+                os.close(fd)
+            except OSError:
+                pass
+        self._child_fds = []
 
     def __enter__(self) -> "Vm":
         return self

@@ -1,7 +1,8 @@
-"""End-to-end: the control socket drives a running, sandboxed VM (issue 11), started
-and driven through the Python API (`crosvm.Vm`), so tests and users share one path.
+"""End-to-end: the control socket drives a running VM (issue 11), sandboxed and with
+--disable-sandbox, started and driven through the Python API (`crosvm.Vm`, which the
+harness's GuestVm extends), so tests and users share one path.
 
-One VM for the module (boots are minutes on this host); the tests run in file order,
+One VM per mode (boots are a minute or more on this host); the tests run in file order,
 and the last one powers it off with the ACPI power button.
 """
 
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from crosvm import Vm, control
-from tests.guest_vm import BOOT_TIMEOUT, COMMAND_TIMEOUT, HOST_CMDLINE, REPO
+from tests.guest_vm import BOOT_TIMEOUT, COMMAND_TIMEOUT, REPO, GuestVm
 
 pytestmark = pytest.mark.e2e
 
@@ -30,20 +31,18 @@ def crosvm(*args: str) -> subprocess.CompletedProcess:
                           text=True, cwd=REPO, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def vm(kernel, initramfs, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sandboxed", "disable-sandbox"])
+def vm(request, kernel, initramfs, tmp_path_factory):
     work = tmp_path_factory.mktemp("control")
     disk = str(work / "disk.img")
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
-    cmdline = os.environ.get("CROSVM_TEST_CMDLINE", HOST_CMDLINE)
-    with Vm.start(kernel, initrd=initramfs, cpus=1, mem=MEM_MIB, blocks=[disk],
-                  params=[cmdline, "pycrosvm.mode=agent"], agent=True,
-                  workdir=str(work)) as guest:
-        guest.wait_ready(BOOT_TIMEOUT)
+    extra = ("--disable-sandbox",) if request.param == "disable-sandbox" else ()
+    with GuestVm(kernel, initramfs, str(work), cpus=1, mem=MEM_MIB, blocks=(disk,),
+                 extra_args=extra, control_socket=True) as guest:
+        guest.wait_ready()
         guest.sock = guest.socket_path
         guest.disk = disk
-        guest.run = lambda command: guest.exec(command, COMMAND_TIMEOUT)
         yield guest
 
 
@@ -51,9 +50,8 @@ def wait_line(guest: Vm, timeout: float) -> bool:
     """Whether the guest agent printed anything within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with guest._agent.cond:
-            if guest._agent.lines:
-                return True
+        if guest.agent.has_output():
+            return True
         time.sleep(0.1)
     return False
 
@@ -115,10 +113,10 @@ def test_suspended_guest_runs_nothing_until_resume(vm):
     before = int(vm.run("date +%s").stdout)
     host_before = time.time()
     suspend = crosvm("suspend", vm.sock)
-    vm.send("echo after-resume")
+    sent = vm.send("echo after-resume")
     answered_while_suspended = wait_line(vm, 5)
     resume = crosvm("resume", vm.sock)
-    result = vm.read_answer(COMMAND_TIMEOUT)
+    result = vm.read_answer(sent, COMMAND_TIMEOUT)
     after = int(vm.run("date +%s").stdout)
     host_elapsed = time.time() - host_before
 
@@ -132,11 +130,11 @@ def test_suspended_guest_runs_nothing_until_resume(vm):
 
 def test_full_suspend_keeps_a_disk_write_issued_while_suspended(vm):
     suspend = crosvm("suspend", "--full", vm.sock)
-    vm.send("echo full-suspend | dd of=/dev/vda bs=512 seek=1 conv=sync oflag=direct "
+    sent = vm.send("echo full-suspend | dd of=/dev/vda bs=512 seek=1 conv=sync oflag=direct "
             "2>/dev/null; echo written")
     answered_while_suspended = wait_line(vm, 3)
     resume = crosvm("resume", vm.sock, "--full")
-    written = vm.read_answer(COMMAND_TIMEOUT)
+    written = vm.read_answer(sent, COMMAND_TIMEOUT)
     with open(vm.disk, "rb") as f:
         f.seek(512)
         on_host = f.read(12)

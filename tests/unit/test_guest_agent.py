@@ -1,4 +1,4 @@
-"""The e2e harness's agent channel: its parser against canned answers, and the real
+"""The guest agent client (crosvm.agent): its parser against canned answers, and the real
 guest/agent.sh run by the host's busybox (the same static binary the guest runs)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from tests.guest_vm import REPO, AgentChannel, GuestError
+from crosvm.agent import AgentError, GuestAgent
+from tests.guest_vm import REPO
 
 BUSYBOX = "/bin/busybox"
 AGENT = os.path.join(REPO, "guest", "agent.sh")
@@ -21,7 +22,7 @@ class CannedGuest:
     def __init__(self) -> None:
         self._from_r, self._from_w = os.pipe()
         self._to_r, self._to_w = os.pipe()
-        self.channel = AgentChannel(self._from_r, self._to_w)
+        self.channel = GuestAgent(self._from_r, self._to_w)
 
     def answer(self, data: bytes) -> None:
         os.write(self._from_w, data)
@@ -33,7 +34,7 @@ class CannedGuest:
 
     def close(self) -> None:
         self.hang_up()
-        self.channel._reader.join(10)
+        self.channel.join(10)
         for fd in (self._from_r, self._to_r, self._to_w):
             os.close(fd)
 
@@ -77,7 +78,7 @@ def test_run_rejects_a_line_outside_the_protocol(canned):
     channel = canned.channel
     canned.answer(b"@@BEGIN 1\nnot framed\n@@END 1 0\n")
 
-    with pytest.raises(GuestError, match="unexpected line 'not framed'"):
+    with pytest.raises(AgentError, match="unexpected line 'not framed'"):
         channel.run("true", timeout=10)
 
 
@@ -85,7 +86,7 @@ def test_run_fails_when_the_agent_end_closes(canned):
     canned.answer(b"@@BEGIN 1\nO:half")
     canned.hang_up()
 
-    with pytest.raises(GuestError, match="agent gone"):
+    with pytest.raises(AgentError, match="agent gone"):
         canned.channel.run("true", timeout=10)
 
 
@@ -99,7 +100,7 @@ def agent(tmp_path):
         [BUSYBOX, "sh", "-c", '. "$0"; agent_serve "$1" 3<&0 </dev/null', AGENT, str(tmp_path)],
         stdin=guest, stdout=subprocess.DEVNULL, cwd=tmp_path)
     guest.close()
-    channel = AgentChannel(host.fileno(), host.fileno(), exited=lambda: proc.poll() is not None)
+    channel = GuestAgent(host.fileno(), host.fileno(), exited=lambda: proc.poll() is not None)
     channel.wait_ready(timeout=30)
     yield channel
     host.shutdown(socket.SHUT_RDWR)   # end of file on fd 3 ends agent_serve
