@@ -21,6 +21,10 @@ __all__ = ["BalloonStats", "ControlError", "balloon", "balloon_stats", "disk_res
 
 # A balloon `--wait` may take as long as the guest needs to give its memory back.
 WAIT_TIMEOUT = 120.0
+# Suspend, resume and resize wait for vCPUs and device workers (10 s each at most, one
+# device after another), and fail as a whole on the VMM's side when they time out: the
+# client waits longer, so its "timed out" never hides a suspend that went on.
+SLOW_TIMEOUT = 120.0
 
 
 def request(socket_path: str, req: object, timeout: float | None = None) -> object:
@@ -49,12 +53,12 @@ def stop(socket_path: str) -> None:
 def suspend(socket_path: str, full: bool = False) -> None:
     """Park every vCPU (`crosvm suspend`); `full` also stops the devices taking
     requests (`--full`). Returns once they are stopped."""
-    _ok(socket_path, "SuspendVm" if full else "SuspendVcpus")
+    _ok(socket_path, "SuspendVm" if full else "SuspendVcpus", SLOW_TIMEOUT)
 
 
 def resume(socket_path: str, full: bool = False) -> None:
     """Undo `suspend` (`crosvm resume [--full]`)."""
-    _ok(socket_path, "ResumeVm" if full else "ResumeVcpus")
+    _ok(socket_path, "ResumeVm" if full else "ResumeVcpus", SLOW_TIMEOUT)
 
 
 def powerbtn(socket_path: str) -> None:
@@ -75,7 +79,8 @@ def gpe(socket_path: str, number: int) -> None:
 def disk_resize(socket_path: str, index: int, new_size: int) -> None:
     """Resize disk `index` (in --block order) to `new_size` bytes; the guest is told."""
     _ok(socket_path, {"DiskCommand": {"disk_index": index,
-                                      "command": {"Resize": {"new_size": new_size}}}})
+                                      "command": {"Resize": {"new_size": new_size}}}},
+        SLOW_TIMEOUT)
 
 
 def balloon(socket_path: str, num_bytes: int, wait: bool = False) -> None:

@@ -136,7 +136,11 @@ class RawDisk(DiskFile):
             raise DiskError(f"{self.path}: the disk is read-only")
         os.ftruncate(self.fd, size)
         if not self.sparse and size > self.size:
-            fallocate(self.fd, 0, self.size, size - self.size)
+            try:
+                fallocate(self.fd, 0, self.size, size - self.size)
+            except OSError:
+                os.ftruncate(self.fd, self.size)  # as it was: the size the guest knows
+                raise
         self.size = size
 
     def close(self) -> None:

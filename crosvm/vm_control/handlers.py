@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -95,6 +96,7 @@ def device_call(target: Any, code: int, arg: int = 0) -> bytes:
 
 
 def _guarded(fn: Callable[..., object]) -> Handler:
+    @functools.wraps(fn)  # keeps fn's signature: the server checks arguments against it
     def handler(*args: Any) -> object:
         try:
             return fn(*args)
@@ -114,6 +116,7 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
             deadline = time.monotonic() + PARK_TIMEOUT
             while not all(v.is_parked() for v in vm.vcpus):
                 if time.monotonic() > deadline:
+                    resume_vcpus()  # all or nothing: the client is told it failed
                     return err_string("the vCPUs did not stop in time")
                 time.sleep(0.01)
             return "Ok"
@@ -141,7 +144,14 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
             response = inner.work()
             if response != "Ok":
                 return response
-            devices_call(C.CTRL_SLEEP)
+            try:
+                devices_call(C.CTRL_SLEEP)
+            except C.DeviceControlError:
+                # All or nothing: the devices that slept wake (waking one that did not
+                # sleep is a no-op), and the vCPUs run again.
+                devices_call(C.CTRL_WAKE)
+                resume_vcpus()
+                raise
             return "Ok"
         return Deferred(_guarded(work))
 
@@ -190,8 +200,9 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
                 return response  # the guest did not report in time: the last report
             return Deferred(_guarded(stats))
         pages = num_bytes >> PAGE_SHIFT
-        if pages >= 1 << 32:
-            raise RequestError(f"balloon size {num_bytes} is too large")
+        if num_bytes > vm.mem_size:
+            raise RequestError(f"balloon size {num_bytes} is larger than the guest's "
+                               f"memory ({vm.mem_size} bytes)")
 
         def adjust() -> object:
             device_call(target, C.CTRL_BALLOON_ADJUST, pages)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 65536
 MAX_DEPTH = 16          # crosvm's deepest request (a balloon config) nests 4 levels
 MAX_CLIENTS = 16
+# Requests being worked out on threads at once (a `balloon --wait` holds one for up to
+# 110 s, even after its client left); fewer than MAX_CLIENTS, so an idle connection to
+# drop for a newcomer (`crosvm stop`) always exists.
+MAX_DEFERRED = 8
 CLIENT_TIMEOUT = 5.0    # seconds a connection may stay open without sending a request
 
 # A unit variant ("Exit") calls its handler with no argument; any other variant
@@ -45,7 +50,8 @@ class Deferred:
     """A handler's answer that takes time (waiting for the guest or a device process):
     `work()` runs on a thread of its own and its return value is the response. The
     client's connection stays open meanwhile, without a deadline; other clients are
-    served as usual. At most MAX_CLIENTS run at once (one per connection)."""
+    served as usual. At most MAX_DEFERRED run at once; beyond that a request is
+    refused with "busy"."""
 
     def __init__(self, work: Callable[[], object]) -> None:
         self.work = work
@@ -135,6 +141,7 @@ class ControlServer:
         self._done_r, self._done_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._done: list[tuple[_Client, object]] = []
         self._done_lock = threading.Lock()
+        self._deferred_running = 0  # Deferred threads started and not finished
         self._thread = threading.Thread(target=self._serve, name="vm_control", daemon=True)
 
     def start(self) -> None:
@@ -195,8 +202,10 @@ class ControlServer:
                 log.warning("control socket: accept failed: %s", e.strerror)
                 return
             conn.setblocking(False)
-            if len(self._clients) >= MAX_CLIENTS:
-                oldest = min(self._clients, key=lambda fd: self._clients[fd].deadline)
+            idle = [fd for fd, c in self._clients.items() if not c.busy]
+            if len(self._clients) >= MAX_CLIENTS and idle:
+                # Never one waiting for its answer: that request is under way.
+                oldest = min(idle, key=lambda fd: self._clients[fd].deadline)
                 log.warning("control socket: more than %d clients; dropped the oldest",
                             MAX_CLIENTS)
                 self._read(poller, oldest, 0)  # a request it already sent is answered
@@ -230,10 +239,16 @@ class ControlServer:
             return
         response, well_formed = self._answer(raw)
         if isinstance(response, Deferred):
-            client.busy = True
-            threading.Thread(target=self._run_deferred, args=(client, response),
-                             name="vm_control_deferred", daemon=True).start()
-            return
+            with self._done_lock:
+                room = self._deferred_running < MAX_DEFERRED
+                if room:
+                    self._deferred_running += 1
+            if room:
+                client.busy = True
+                threading.Thread(target=self._run_deferred, args=(client, response),
+                                 name="vm_control_deferred", daemon=True).start()
+                return
+            response = err_string(f"busy: {MAX_DEFERRED} requests are in progress")
         if not self._send(client, response) or not well_formed:
             self._drop(poller, fd)
 
@@ -245,6 +260,7 @@ class ControlServer:
             response = err_string(f"request failed: {e}")
         with self._done_lock:
             self._done.append((client, response))
+            self._deferred_running -= 1
         try:
             os.write(self._done_w, b"x")
         except OSError:
@@ -304,6 +320,13 @@ class ControlServer:
         handler = self.handlers.get(name)
         if handler is None:
             return err_string(f"unsupported request {name[:64]!r}"), True
+        try:
+            inspect.signature(handler).bind(*(() if unit else (payload,)))
+        except TypeError:
+            return err_string(f"{name} {'needs arguments' if unit else 'takes no arguments'}"
+                              ), True
+        except ValueError:
+            pass  # no signature to check (a builtin): let the call say
         try:
             return (handler() if unit else handler(payload)), True
         except Exception as e:  # noqa: BLE001 - a handler bug must not end the server

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import select
 import struct
+import tracemalloc
 
 import pytest
 
 from crosvm.base import Event
 from crosvm.devices import control as C
 from crosvm.devices.virtio import balloon as BL
-from crosvm.devices.virtio.balloon_parse import page_ranges, parse_pfns, parse_stats
+from crosvm.devices.virtio.balloon_parse import (MAX_PFN_BYTES, page_ranges, parse_pfns,
+                                                 parse_stats, usable_ram)
 from crosvm.devices.virtio.driver import QueueDriver
+from crosvm.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from crosvm.devices.virtio.virtio_device import Interrupt
 from crosvm.vm_control.handlers import RequestError, parse_balloon_command, stats_response
 from crosvm.vm_memory import GuestMemory
 
 MEM = 16 << 20
 TARGET_PAGE = 0x800  # 8 MiB: away from the drivers' rings and buffers
+RESERVED_PAGE = 0xE0  # ACPI tables: in RAM region 0 but not RAM in the e820 map
+BIG = 0x400000        # a 1 MiB scratch buffer for oversized chains, below TARGET_PAGE
+MARK = b"\xaa" * 4096
 
 
 class Line:
@@ -44,16 +50,57 @@ def mem():
     m.close()
 
 
-@pytest.fixture
-def balloon(mem):
-    dev = BL.Balloon()
+def started(mem, dev):
     dev.ack_features(dev.features())
-    drivers = [QueueDriver(mem, 16, base=0x10000 * (i + 1)) for i in range(3)]
+    drivers = [QueueDriver(mem, 16, base=0x10000 * (i + 1))
+               for i in range(len(dev.queue_max_sizes()))]
     kicks = [Event() for _ in drivers]
     dev.activate(mem, Interrupt(None, Line()),
                  [(i, d.queue, k) for i, (d, k) in enumerate(zip(drivers, kicks))])
+    return dev, drivers, kicks
+
+
+@pytest.fixture
+def balloon(mem):
+    dev, drivers, kicks = started(mem, BL.Balloon())
     yield dev, drivers, kicks
     dev.close()
+
+
+@pytest.fixture
+def reporting_balloon(mem):
+    dev, drivers, kicks = started(mem, BL.Balloon(page_reporting=True))
+    yield dev, drivers, kicks
+    dev.close()
+
+
+def post_chain(drv: QueueDriver, descs: list[tuple[int, int, int]]) -> int:
+    """Post (address, length, flags) descriptors as one chain, as a hostile driver
+    would: any addresses, overlapping or not. Returns the head."""
+    head = drv.next_desc
+    for i, (addr, length, flags) in enumerate(descs):
+        index = (head + i) % drv.size
+        more = VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0
+        drv.write_desc(index, addr, length, flags | more, (index + 1) % drv.size)
+    drv.next_desc = (head + len(descs)) % drv.size
+    drv.publish(head)
+    return head
+
+
+def kick_and_wait(kick: Event, drv: QueueDriver) -> list[tuple[int, int]]:
+    kick.signal()
+    return wait_used(drv)
+
+
+def peak_while(action):
+    """What `action()` returns, and the peak of Python allocations (all threads, the
+    device's worker too) while it ran."""
+    tracemalloc.start()
+    try:
+        result = action()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def test_parse_pfns_rejects_partial_pfn():
@@ -61,10 +108,35 @@ def test_parse_pfns_rejects_partial_pfn():
         parse_pfns(b"\x01\x00\x00")
 
 
-def test_page_ranges_merges_contiguous_pages_and_rejects_pfn_past_memory():
-    assert page_ranges([1, 2, 3, 7], 1 << 20) == [(0x1000, 0x3000), (0x7000, 0x1000)]
-    with pytest.raises(ValueError, match="outside guest memory"):
-        page_ranges([256], 1 << 20)
+def test_page_ranges_merges_contiguous_pages():
+    assert page_ranges([1, 2, 3, 7], [(0, 1 << 20)]) == [(0x1000, 0x3000), (0x7000, 0x1000)]
+
+
+def test_page_ranges_rejects_pfn_past_memory():
+    with pytest.raises(ValueError, match="not guest RAM"):
+        page_ranges([256], [(0, 1 << 20)])
+
+
+def test_page_ranges_rejects_pfn_in_a_hole_between_ram_ranges():
+    with pytest.raises(ValueError, match="not guest RAM"):
+        page_ranges([1, 0xA0], [(0, 0x9F000), (0x100000, 0x100000)])
+
+
+def test_page_ranges_does_not_merge_across_two_ram_ranges():
+    assert page_ranges([1, 2], [(0x1000, 0x1000), (0x2000, 0x1000)]) == [
+        (0x1000, 0x1000), (0x2000, 0x1000)]
+
+
+def test_usable_ram_is_whole_pages_both_listed_and_backed():
+    listed = [(0, 0x9FC00), (0x100000, 0xF00000)]
+
+    ram = usable_ram(listed, [(0, 0x1000000)])
+
+    assert ram == [(0, 0x9F000), (0x100000, 0xF00000)]
+
+
+def test_guest_ram_leaves_out_the_low_memory_the_e820_map_reserves(mem):
+    assert BL.guest_ram(mem) == [(0, 0x9F000), (0x100000, MEM - 0x100000)]
 
 
 def test_parse_stats_names_crosvm_fields_and_skips_unknown_tags():
@@ -95,6 +167,126 @@ def test_inflate_with_a_pfn_outside_memory_releases_nothing(balloon, mem):
 
     assert used
     assert mem.read(TARGET_PAGE << 12, 4096) == b"\xaa" * 4096
+
+
+def test_inflate_chain_longer_than_the_pfn_bound_is_refused_without_copying_it(balloon, mem):
+    dev, (inflate, _, _), kicks = balloon
+    mem.write(TARGET_PAGE << 12, MARK)
+    mem.write(BIG, struct.pack("<I", TARGET_PAGE) * (0x100000 // 4))
+    head = post_chain(inflate, [(BIG, 0x100000, 0)] * 16)  # 16 MiB, all the same 1 MiB
+
+    used, peak = peak_while(lambda: kick_and_wait(kicks[0], inflate))
+
+    assert used == [(head, 0)]
+    assert mem.read(TARGET_PAGE << 12, 4096) == MARK
+    assert peak < MAX_PFN_BYTES
+
+
+def test_deflate_chain_longer_than_the_pfn_bound_is_returned_without_copying_it(balloon, mem):
+    dev, (_, deflate, _), kicks = balloon
+    head = post_chain(deflate, [(BIG, 0x100000, 0)] * 16)
+
+    used, peak = peak_while(lambda: kick_and_wait(kicks[1], deflate))
+
+    assert used == [(head, 0)]
+    assert peak < MAX_PFN_BYTES
+
+
+def test_stats_chain_is_read_only_as_far_as_the_stats_bound(balloon, mem):
+    dev, (_, _, stats_q), kicks = balloon
+    mem.write(BIG, struct.pack("<HQ", 4, 123 << 12) + bytes(0x100000 - 10))
+    post_chain(stats_q, [(BIG, 0x100000, 0)] * 16)
+
+    def stats_once():
+        kicks[2].signal()
+        for _ in range(250):
+            generation, response = stats_response(dev.control(C.CTRL_BALLOON_STATS, 0)[0])
+            if generation:
+                return response
+            select.select([], [], [], 0.02)
+        return None
+
+    response, peak = peak_while(stats_once)
+
+    assert response["BalloonStats"]["stats"]["free_memory"] == 123 << 12
+    assert peak < 0x100000  # not even one descriptor's worth was copied
+
+
+def test_inflate_of_reserved_low_memory_releases_nothing(balloon, mem):
+    dev, (inflate, _, _), kicks = balloon
+    mem.write(RESERVED_PAGE << 12, MARK)
+
+    inflate.add_buffers([struct.pack("<I", RESERVED_PAGE)], [])
+    kicks[0].signal()
+    used = wait_used(inflate)
+
+    assert len(used) == 1
+    assert mem.read(RESERVED_PAGE << 12, 4096) == MARK
+
+
+def test_inflate_of_the_page_holding_the_ebda_releases_nothing(balloon, mem):
+    dev, (inflate, _, _), kicks = balloon
+    mem.write(0x9F000, MARK)  # its last KiB is the EBDA (the MP table)
+
+    inflate.add_buffers([struct.pack("<I", 0x9F)], [])
+    kicks[0].signal()
+    used = wait_used(inflate)
+
+    assert len(used) == 1
+    assert mem.read(0x9F000, 4096) == MARK
+
+
+def test_reported_free_pages_in_writable_buffers_are_released(reporting_balloon, mem):
+    dev, drivers, kicks = reporting_balloon
+    report = drivers[3]
+    mem.write(TARGET_PAGE << 12, MARK * 3)
+    head = post_chain(report, [(TARGET_PAGE << 12, 0x2000, VIRTQ_DESC_F_WRITE),
+                               ((TARGET_PAGE + 2) << 12, 0x1000, VIRTQ_DESC_F_WRITE)])
+
+    kicks[3].signal()
+    used = wait_used(report)
+
+    assert used == [(head, 0)]
+    assert mem.read(TARGET_PAGE << 12, 3 * 4096) == bytes(3 * 4096)
+
+
+def test_reported_range_in_reserved_low_memory_is_not_released(reporting_balloon, mem):
+    dev, drivers, kicks = reporting_balloon
+    report = drivers[3]
+    mem.write(RESERVED_PAGE << 12, MARK)
+    head = post_chain(report, [(RESERVED_PAGE << 12, 0x1000, VIRTQ_DESC_F_WRITE)])
+
+    kicks[3].signal()
+    used = wait_used(report)
+
+    assert used == [(head, 0)]
+    assert mem.read(RESERVED_PAGE << 12, 4096) == MARK
+
+
+def test_reported_range_that_is_not_whole_pages_is_not_released(reporting_balloon, mem):
+    dev, drivers, kicks = reporting_balloon
+    report = drivers[3]
+    mem.write(TARGET_PAGE << 12, MARK * 2)
+    post_chain(report, [((TARGET_PAGE << 12) + 0x800, 0x1000, VIRTQ_DESC_F_WRITE)])
+
+    kicks[3].signal()
+    used = wait_used(report)
+
+    assert len(used) == 1
+    assert mem.read(TARGET_PAGE << 12, 2 * 4096) == MARK * 2
+
+
+def test_readable_buffer_on_the_reporting_queue_is_not_released(reporting_balloon, mem):
+    dev, drivers, kicks = reporting_balloon
+    report = drivers[3]
+    mem.write(TARGET_PAGE << 12, MARK)
+    post_chain(report, [(TARGET_PAGE << 12, 0x1000, 0)])
+
+    kicks[3].signal()
+    used = wait_used(report)
+
+    assert len(used) == 1
+    assert mem.read(TARGET_PAGE << 12, 4096) == MARK
 
 
 def test_stats_buffer_is_read_then_handed_back_on_request(balloon):

@@ -382,3 +382,166 @@ def test_disk_resize_of_a_missing_disk_names_the_index():
                                         "command": {"Resize": {"new_size": 512}}})
 
     assert response == {"ErrString": "disk index 2 out of range (the VM has 0 disks)"}
+
+
+# -- review findings: pauses that fail or overlap, bounded server threads, arguments ----
+def test_pause_that_times_out_is_undone_and_later_kicks_are_served(mem):
+    rng = Rng()
+    drv = QueueDriver(mem)
+    line, kick = Line(), Event()
+    busy = threading.Event()
+    release = threading.Event()
+    rng.activate(mem, Interrupt(None, line), [(0, drv.queue, kick)])
+    worker = rng.worker
+    handle = worker._handle
+    worker._handle = lambda i: (busy.set(), release.wait(10), handle(i))[2]
+    try:
+        drv.add_buffers([], [16])
+        kick.signal()
+        busy.wait(5)
+        paused = worker.pause(timeout=0.2)   # the worker is inside a long request
+        release.set()
+        line.trigger.wait()                  # that request ends
+        drv.add_buffers([], [16])
+        kick.signal()
+        served_later = bool(select.select([line.trigger.fd], [], [], 5)[0])
+    finally:
+        release.set()
+        rng.close()
+
+    assert paused is False
+    assert served_later
+
+
+def test_worker_paused_twice_sleeps_until_both_pauses_end(mem):
+    rng = Rng()
+    drv = QueueDriver(mem)
+    line, kick = Line(), Event()
+    rng.activate(mem, Interrupt(None, line), [(0, drv.queue, kick)])
+    try:
+        first = rng.worker.pause()     # `suspend --full`
+        second = rng.worker.pause()    # a resize meanwhile
+        rng.worker.resume()            # the resize is done
+        drv.add_buffers([], [16])
+        kick.signal()
+        served_while_suspended = bool(select.select([line.trigger.fd], [], [], 0.3)[0])
+        rng.worker.resume()            # `resume --full`
+        served_after = bool(select.select([line.trigger.fd], [], [], 5)[0])
+    finally:
+        rng.close()
+
+    assert (first, second) == (True, True)
+    assert not served_while_suspended
+    assert served_after
+
+
+def test_full_suspend_asked_twice_is_undone_by_one_resume(mem):
+    rng = Rng()
+    dev = VirtioPciDevice(rng, mem, [Event() for _ in range(VirtioPciDevice.num_msix_vectors(rng))],
+                          lambda *a: None)
+    worker = FakeWorker()
+    dev.activated = True
+    dev.device.worker = worker
+
+    answers = [C.decode_result(code, dev.control(code, 0))
+               for code in (C.CTRL_SLEEP, C.CTRL_SLEEP, C.CTRL_WAKE)]
+
+    assert answers == [b"", b"", b""]
+    assert (worker.pauses, worker.resumes) == (1, 1)
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.pauses = self.resumes = 0
+
+    def pause(self) -> bool:
+        self.pauses += 1
+        return True
+
+    def resume(self) -> None:
+        self.resumes += 1
+
+
+def test_deferred_requests_beyond_the_cap_are_refused_as_busy(tmp_path):
+    from crosvm.vm_control.server import MAX_DEFERRED
+    release = threading.Event()
+    srv = ControlServer(str(tmp_path / "vm.sock"),
+                        {"Slow": lambda: Deferred(lambda: release.wait(10) and "Ok")})
+    srv.start()
+    clients = []
+    try:
+        for _ in range(MAX_DEFERRED):   # each sends and hangs up: its work goes on
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(srv.path)
+            s.send(b'"Slow"')
+            clients.append(s)
+        extra = handle_request("Slow", srv.path)
+        release.set()
+    finally:
+        release.set()
+        for s in clients:
+            s.close()
+        srv.close()
+
+    assert extra == {"ErrString": f"busy: {MAX_DEFERRED} requests are in progress"}
+
+
+@pytest.mark.parametrize("request_, answer", [
+    ('"Gpe"', {"ErrString": "Gpe needs arguments"}),
+    ('{"Powerbtn": 1}', {"ErrString": "Powerbtn takes no arguments"}),
+])
+def test_request_with_wrong_arguments_is_refused_plainly(tmp_path, request_, answer):
+    import json
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    handlers = vm_handlers(SimpleNamespace(_exit_request=lambda: "Ok"))
+    srv = ControlServer(str(tmp_path / "vm.sock"), handlers)
+
+    response = srv.respond(request_.encode())
+    srv.close()
+
+    assert response == answer
+    assert json.dumps(response)
+
+
+def test_balloon_larger_than_guest_memory_is_refused():
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    handlers = vm_handlers(SimpleNamespace(balloon_target=object(), mem_size=256 << 20,
+                                           _exit_request=lambda: "Ok"))
+
+    response = handlers["BalloonCommand"]({"Adjust": {"num_bytes": 8 << 40,
+                                                      "wait_for_success": False}})
+
+    assert response == {"ErrString": f"balloon size {8 << 40} is larger than the guest's "
+                                     f"memory ({256 << 20} bytes)"}
+
+
+class StuckVcpu(FakeVcpu):
+    def is_parked(self) -> bool:
+        return False
+
+
+def test_suspend_that_times_out_lets_the_vcpus_run_again(monkeypatch):
+    from types import SimpleNamespace
+
+    from crosvm.vm_control import handlers as H
+    monkeypatch.setattr(H, "PARK_TIMEOUT", 0.1)
+    vcpus = [FakeVcpu(), StuckVcpu()]
+    handlers = H.vm_handlers(SimpleNamespace(vcpus=vcpus, _exit_request=lambda: "Ok"))
+
+    response = handlers["SuspendVcpus"]().work()
+
+    assert response == {"ErrString": "the vCPUs did not stop in time"}
+    assert [v.running for v in vcpus] == [True, True]
+
+
+def test_block_resize_beyond_a_file_offset_is_refused(mem, tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+    dev = virtio_block(mem, str(path))
+
+    with pytest.raises(C.DeviceControlError, match="too large"):
+        C.decode_result(C.CTRL_RESIZE, dev.control(C.CTRL_RESIZE, 1 << 63))

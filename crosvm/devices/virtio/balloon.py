@@ -5,7 +5,9 @@ driver; the driver gives pages on the inflate queue (they are punched out of the
 guest-memory memfd, so the host gets the memory back) and takes them back on the
 deflate queue (they come back as zero pages on first touch). The stats queue carries
 the guest's memory statistics; the reporting queue, free pages the guest reports.
-Every PFN is checked against guest RAM before anything is released.
+Every page is checked before anything is released: it must be RAM in the e820 map
+the guest booted with (not the MP or ACPI tables in low memory) and backed by a
+guest-memory region.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import mmap
 import struct
 import threading
 
+from crosvm.arch.x86_64 import layout as L
 from crosvm.base import Event
 from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices import control as C
 from crosvm.devices.virtio import virtio_device as V
-from crosvm.devices.virtio.balloon_parse import (PAGE_SHIFT, STAT_FIELDS, page_ranges,
-                                                 parse_pfns, parse_stats)
+from crosvm.devices.virtio.balloon_parse import (MAX_PFN_BYTES, MAX_STATS_BYTES, PAGE_SIZE,
+                                                 STAT_FIELDS, containing, page_ranges,
+                                                 parse_pfns, parse_stats, usable_ram)
 from crosvm.devices.virtio.descriptor_utils import Reader
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
 from crosvm.vm_memory import GuestMemory
@@ -35,15 +39,39 @@ F_MUST_TELL_HOST, F_STATS_VQ, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_PAGE_POISON,
 CONFIG = struct.Struct("<IIII")  # num_pages, actual, free_page_hint_cmd_id, poison_val
 
 
-def release(mem: GuestMemory, addr: int, length: int) -> None:
+def guest_ram(mem: GuestMemory) -> list[tuple[int, int]]:
+    """The pages a driver may give back: RAM in the guest's e820 map (for memory of
+    `mem`'s size) that `mem` backs, as sorted (address, length) ranges."""
+    listed = [(addr, size) for addr, size, kind in L.e820_entries(mem.size)
+              if kind == L.E820_RAM and size > 0]
+    return usable_ram(listed, [(r.guest_addr, r.size) for r in mem.regions])
+
+
+def release(mem: GuestMemory, ram: list[tuple[int, int]], addr: int, length: int) -> None:
     """Give guest pages back to the host: punch them out of the memfd (MADV_REMOVE on
     the shared mapping), so every process mapping them sees zero pages next time.
-    ValueError if the range is not wholly inside one RAM region."""
+    ValueError, and nothing released, unless the range is page-aligned and wholly
+    inside one range of `ram` (from guest_ram)."""
+    if addr % PAGE_SIZE or length % PAGE_SIZE or length == 0:
+        raise ValueError(f"{addr:#x}+{length:#x} is not whole pages")
+    if containing(ram, addr, length) is None:
+        raise ValueError(f"{addr:#x}+{length:#x} is not guest RAM")
     for region in mem.regions:
         if region.guest_addr <= addr and addr + length <= region.end:
             region.mapping.madvise(mmap.MADV_REMOVE, addr - region.guest_addr, length)
             return
     raise ValueError(f"{addr:#x}+{length:#x} is not guest RAM")
+
+
+def read_bounded(mem: GuestMemory, chain: DescriptorChain, limit: int,
+                 truncate: bool = False) -> bytes:
+    """The readable part of `chain`, never copying more than `limit` bytes: a longer
+    one is cut to `limit` if `truncate`, else a ValueError. A chain may name the same
+    guest memory many times over (up to 4 GiB), so its length is no bound."""
+    length = chain.readable_len()
+    if length > limit and not truncate:
+        raise ValueError(f"buffer of {length} bytes is longer than {limit}")
+    return Reader(mem, chain).read(min(length, limit))
 
 
 class Balloon(V.VirtioDevice):
@@ -64,6 +92,7 @@ class Balloon(V.VirtioDevice):
         self._stats_wanted = Event()  # the VMM asked for fresh stats
         self._lock = threading.Lock()
         self.released_bytes = 0
+        self._ram: list[tuple[int, int]] = []  # guest_ram(), set on activation
 
     def debug_label(self) -> str:
         return "balloon"
@@ -119,14 +148,10 @@ class Balloon(V.VirtioDevice):
     # -- queues -------------------------------------------------------------------------
     def _inflate(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         try:
-            pfns = parse_pfns(Reader(mem, chain).read_all())
-            runs = page_ranges(pfns, mem.end_addr())
-            # All or nothing: every page is checked (holes too) before any is released.
-            for addr, length in runs:
-                if not mem.is_valid_range(addr, length):
-                    raise ValueError(f"{addr:#x}+{length:#x} is not guest RAM")
-            for addr, length in runs:
-                release(mem, addr, length)
+            pfns = parse_pfns(read_bounded(mem, chain, MAX_PFN_BYTES))
+            # All or nothing: page_ranges checks every page before any is released.
+            for addr, length in page_ranges(pfns, self._ram):
+                release(mem, self._ram, addr, length)
                 self.released_bytes += length
         except ValueError as e:
             _guest_log.warning("balloon: bad inflate buffer: %s", e)
@@ -135,19 +160,19 @@ class Balloon(V.VirtioDevice):
     def _deflate(self, mem: GuestMemory, chain: DescriptorChain) -> int:
         # Nothing to do: a released page reads as zeroes when the guest touches it.
         try:
-            parse_pfns(Reader(mem, chain).read_all())
+            parse_pfns(read_bounded(mem, chain, MAX_PFN_BYTES))
         except ValueError as e:
             _guest_log.warning("balloon: bad deflate buffer: %s", e)
         return 0
 
     def _report(self, mem: GuestMemory, chain: DescriptorChain) -> int:
-        # Each readable descriptor is a free range the guest will not touch until used.
-        for addr, length in chain.readable:
-            if addr % (1 << PAGE_SHIFT) or length % (1 << PAGE_SHIFT):
-                _guest_log.warning("balloon: unaligned reported range %#x+%#x", addr, length)
-                continue
+        # Each device-writable descriptor (Linux adds the reported pages as in-buffers)
+        # is a free range the guest will not touch until the chain is used. Ranges are
+        # released one by one: a bad one costs only itself.
+        for addr, length in chain.writable:
             try:
-                release(mem, addr, length)
+                release(mem, self._ram, addr, length)
+                self.released_bytes += length
             except ValueError as e:
                 _guest_log.warning("balloon: bad reported range: %s", e)
         return 0
@@ -159,7 +184,7 @@ class Balloon(V.VirtioDevice):
         if self._stats_chain is not None:  # a driver that sends two: give back the old
             queue.add_used(mem, self._stats_chain.index, 0)
         try:
-            stats = parse_stats(Reader(mem, chain).read_all())
+            stats = parse_stats(read_bounded(mem, chain, MAX_STATS_BYTES, truncate=True))
         except ValueError as e:
             _guest_log.warning("balloon: bad stats buffer: %s", e)
             stats = {}
@@ -179,6 +204,7 @@ class Balloon(V.VirtioDevice):
 
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:
+        self._ram = guest_ram(mem)
         # Queue roles follow the negotiated features (5.5.2): the stats and reporting
         # queues exist only when their feature is on.
         roles = ["inflate", "deflate"]

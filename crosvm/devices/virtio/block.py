@@ -35,6 +35,8 @@ DISCARD_SECTOR_ALIGNMENT = 128
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_FLAG_UNMAP = 1
+# The largest size `disk resize` accepts: off_t (a signed 64-bit file offset) holds it.
+MAX_DISK_SIZE = (1 << 63) - (1 << 20)
 
 # Feature bits.
 F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 2, 5, 6, 9, 13, 14
@@ -201,8 +203,11 @@ class Block(V.VirtioDevice):
             return super().control(code, arg)
         if self.disk.read_only:
             raise DeviceControlError(f"{self.disk.path}: the disk is read-only")
-        if arg == 0 or arg % SECTOR_SIZE:
-            raise DeviceControlError(f"size {arg} is not a positive multiple of {SECTOR_SIZE}")
+        if arg == 0 or arg % self.block_size:
+            raise DeviceControlError(f"size {arg} is not a positive multiple of "
+                                     f"{self.block_size} (the block size)")
+        if arg > MAX_DISK_SIZE:
+            raise DeviceControlError(f"size {arg} is too large (at most {MAX_DISK_SIZE})")
         worker = self.worker
         if worker is not None and not worker.pause():
             raise DeviceControlError(f"{self.disk.path}: the worker did not stop in time")

@@ -218,11 +218,12 @@ class QueueWorker:
         self._extra = extra or []
         self._errors = RateLimitedLog(log)
         # `pause()`: the worker finishes what it is doing, then takes no requests until
-        # `resume()`; kicks that arrive meanwhile stay in their eventfds.
+        # every pause has its `resume()`; kicks that arrive meanwhile stay in their
+        # eventfds. Counted, so a resize during `suspend --full` does not wake the worker.
         self._sleep_event = Event()
-        self._asleep = False
-        self._sleeping = threading.Event()
-        self._wake = threading.Event()
+        self._pause_cond = threading.Condition()
+        self._pauses = 0        # pauses without their resume yet
+        self._sleeping = False  # the worker is in its sleep loop
         self._ep: select.epoll | None = None
         self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -262,29 +263,42 @@ class QueueWorker:
             pass  # a request was abandoned half way: the driver is resetting the device
         finally:
             ep.close()
+            with self._pause_cond:
+                self._pause_cond.notify_all()  # a pause() waiting on a dead worker returns
 
     def _sleep_until_woken(self) -> None:
-        if not self._asleep:
-            return
-        self._sleeping.set()
-        try:
-            while self._asleep and not self._stopping:
-                self._wake.wait(0.2)
-        finally:
-            self._sleeping.clear()
+        with self._pause_cond:
+            if not self._pauses:
+                return
+            self._sleeping = True
+            self._pause_cond.notify_all()
+            try:
+                while self._pauses and not self._stopping:
+                    self._pause_cond.wait(0.2)
+            finally:
+                self._sleeping = False
 
     def pause(self, timeout: float = STOP_TIMEOUT) -> bool:
-        """Stop taking requests once the current one is done; False if the worker did
-        not get there within `timeout`."""
-        self._wake.clear()
-        self._asleep = True
+        """Stop taking requests once the current one is done; False (and no pause) if
+        the worker did not get there within `timeout`. Each True needs a `resume()`."""
+        with self._pause_cond:
+            self._pauses += 1
         self._sleep_event.signal()
-        return self._sleeping.wait(timeout) or not self._thread.is_alive()
+        with self._pause_cond:
+            asleep = self._pause_cond.wait_for(
+                lambda: self._sleeping or not self._thread.is_alive(), timeout)
+            if not asleep:  # undone: a worker busy for long must not sleep later for it
+                self._pauses -= 1
+                self._pause_cond.notify_all()
+            return asleep
 
     def resume(self) -> None:
-        """Take requests again (the kicks that came meanwhile are still pending)."""
-        self._asleep = False
-        self._wake.set()
+        """End one pause; the worker takes requests again when none is left (the kicks
+        that came meanwhile are still pending)."""
+        with self._pause_cond:
+            if self._pauses:
+                self._pauses -= 1
+            self._pause_cond.notify_all()
 
     def _serve(self, index: int, event: Event) -> None:
         if self._handle(index):

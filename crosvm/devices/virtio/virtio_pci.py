@@ -83,6 +83,8 @@ class VirtioPciDevice(PciDevice):
         self.interrupt.on_needs_reset = self._needs_reset
         self._add_capabilities()
         self._lock = threading.RLock()
+        self._control_lock = threading.Lock()  # one VMM control request at a time
+        self._slept: object | None = None  # the worker `suspend --full` paused
         self.intx = None
         self._reset_state()
 
@@ -329,24 +331,31 @@ class VirtioPciDevice(PciDevice):
         try:
             if code not in C.CODES or not 0 <= arg <= C.MAX_ARG:
                 raise C.DeviceControlError(f"unknown device request {code}")
-            with self._lock:
-                worker = self.device.worker if self.activated else None
-                if code == C.CTRL_SLEEP:
-                    if worker is not None and not worker.pause():
-                        raise C.DeviceControlError(f"{self.device.debug_label()}: the "
-                                                   "worker did not stop in time")
+            # Not under `_lock`: a pause may wait for a long request to finish, and the
+            # vCPUs must reach the device's registers meanwhile.
+            with self._control_lock:
+                with self._lock:
+                    worker = self.device.worker if self.activated else None
+                if code == C.CTRL_SLEEP:  # `suspend --full`: once, however often asked
+                    if worker is not None and self._slept is not worker:
+                        if not worker.pause():
+                            raise C.DeviceControlError(f"{self.device.debug_label()}: the "
+                                                       "worker did not stop in time")
+                        self._slept = worker
                     return C.encode_ok()
                 if code == C.CTRL_WAKE:
-                    if worker is not None:
-                        worker.resume()
+                    if self._slept is not None:
+                        self._slept.resume()
+                        self._slept = None
                     return C.encode_ok()
                 payload, config_changed = self.device.control(code, arg)
                 if config_changed:
-                    # virtio 1.x, 4.1.4.3: the driver rereads config when the
-                    # generation changes, and is told by the config interrupt.
-                    self.config_generation = (self.config_generation + 1) & 0xFF
-                    if self.activated:
-                        self.interrupt.signal_config_changed()
+                    with self._lock:
+                        # virtio 1.x, 4.1.4.3: the driver rereads config when the
+                        # generation changes, and is told by the config interrupt.
+                        self.config_generation = (self.config_generation + 1) & 0xFF
+                        if self.activated:
+                            self.interrupt.signal_config_changed()
                 return C.encode_ok(payload)
         except C.DeviceControlError as e:
             return C.encode_error(str(e))
