@@ -28,7 +28,10 @@ MAX_ERROR = 200
 NUM_STATS = 16
 STATS = struct.Struct(f"<QQH{NUM_STATS}Q")
 ACTUAL = struct.Struct("<Q")
-PAYLOAD_SIZES = {CTRL_SLEEP: 0, CTRL_WAKE: 0, CTRL_RESIZE: 0, CTRL_BALLOON_ADJUST: 0,
+# CTRL_SLEEP's payload: whether this request paused the device (a failed suspend wakes
+# only those), or it was asleep already / had no worker.
+SLEPT, ALREADY = b"\x01", b"\x00"
+PAYLOAD_SIZES = {CTRL_SLEEP: 1, CTRL_WAKE: 0, CTRL_RESIZE: 0, CTRL_BALLOON_ADJUST: 0,
                  CTRL_BALLOON_STATS: STATS.size, CTRL_BALLOON_ACTUAL: ACTUAL.size}
 
 

@@ -109,10 +109,10 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
     """Every request `vm` answers."""
 
     def suspend_vcpus() -> object:
-        for v in vm.vcpus:
-            v.suspend()
-
+        # Nothing happens until the work runs: a request refused as busy changes nothing.
         def wait_parked() -> object:
+            for v in vm.vcpus:
+                v.suspend()
             deadline = time.monotonic() + PARK_TIMEOUT
             while not all(v.is_parked() for v in vm.vcpus):
                 if time.monotonic() > deadline:
@@ -127,9 +127,11 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
             v.resume()
         return "Ok"
 
-    def devices_call(code: int) -> None:
+    def devices_call(code: int, targets: list | None = None) -> None:
+        """Send `code` to every virtio device (or `targets`); raises with every refusal
+        once all were asked."""
         errors = []
-        for target in vm.virtio_targets():
+        for target in vm.virtio_targets() if targets is None else targets:
             try:
                 device_call(target, code)
             except C.DeviceControlError as e:
@@ -144,13 +146,18 @@ def vm_handlers(vm: "Vm") -> dict[str, Handler]:
             response = inner.work()
             if response != "Ok":
                 return response
+            slept: list = []
             try:
-                devices_call(C.CTRL_SLEEP)
+                for target in vm.virtio_targets():
+                    if device_call(target, C.CTRL_SLEEP) == C.SLEPT:
+                        slept.append(target)
             except C.DeviceControlError:
-                # All or nothing: the devices that slept wake (waking one that did not
-                # sleep is a no-op), and the vCPUs run again.
-                devices_call(C.CTRL_WAKE)
-                resume_vcpus()
+                # All or nothing: what this request put to sleep wakes (not a device an
+                # earlier `suspend --full` holds), and the vCPUs run again.
+                try:
+                    devices_call(C.CTRL_WAKE, slept)
+                finally:
+                    resume_vcpus()
                 raise
             return "Ok"
         return Deferred(_guarded(work))

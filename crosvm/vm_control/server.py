@@ -245,22 +245,30 @@ class ControlServer:
                     self._deferred_running += 1
             if room:
                 client.busy = True
-                threading.Thread(target=self._run_deferred, args=(client, response),
-                                 name="vm_control_deferred", daemon=True).start()
-                return
+                try:
+                    threading.Thread(target=self._run_deferred, args=(client, response),
+                                     name="vm_control_deferred", daemon=True).start()
+                    return
+                except RuntimeError as e:  # no thread could be started
+                    client.busy = False
+                    with self._done_lock:
+                        self._deferred_running -= 1
+                    response = err_string(f"cannot start the request: {e}")
             response = err_string(f"busy: {MAX_DEFERRED} requests are in progress")
         if not self._send(client, response) or not well_formed:
             self._drop(poller, fd)
 
     def _run_deferred(self, client: _Client, deferred: Deferred) -> None:
+        response: object = err_string("request failed")
         try:
             response = deferred.work()
         except Exception as e:  # noqa: BLE001 - reported to the client, like a handler's
             log.warning("control socket: a request failed: %s: %s", type(e).__name__, e)
             response = err_string(f"request failed: {e}")
-        with self._done_lock:
-            self._done.append((client, response))
-            self._deferred_running -= 1
+        finally:
+            with self._done_lock:
+                self._done.append((client, response))
+                self._deferred_running -= 1
         try:
             os.write(self._done_w, b"x")
         except OSError:

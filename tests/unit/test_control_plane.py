@@ -446,7 +446,7 @@ def test_full_suspend_asked_twice_is_undone_by_one_resume(mem):
     answers = [C.decode_result(code, dev.control(code, 0))
                for code in (C.CTRL_SLEEP, C.CTRL_SLEEP, C.CTRL_WAKE)]
 
-    assert answers == [b"", b"", b""]
+    assert answers == [C.SLEPT, C.ALREADY, b""]
     assert (worker.pauses, worker.resumes) == (1, 1)
 
 
@@ -470,7 +470,7 @@ def test_deferred_requests_beyond_the_cap_are_refused_as_busy(tmp_path):
     srv.start()
     clients = []
     try:
-        for _ in range(MAX_DEFERRED):   # each sends and hangs up: its work goes on
+        for _ in range(MAX_DEFERRED):   # each waits for its answer meanwhile
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             s.connect(srv.path)
             s.send(b'"Slow"')
@@ -545,3 +545,66 @@ def test_block_resize_beyond_a_file_offset_is_refused(mem, tmp_path):
 
     with pytest.raises(C.DeviceControlError, match="too large"):
         C.decode_result(C.CTRL_RESIZE, dev.control(C.CTRL_RESIZE, 1 << 63))
+
+
+class SleepTarget:
+    """A device as the handlers see it: answers CTRL_SLEEP/CTRL_WAKE like
+    VirtioPciDevice.control, or refuses to sleep."""
+
+    def __init__(self, refuse: bool = False, asleep: bool = False) -> None:
+        self.refuse = refuse
+        self.asleep = asleep
+
+    def control(self, code: int, arg: int) -> bytes:
+        if code == C.CTRL_SLEEP:
+            if self.refuse:
+                return C.encode_error("the worker did not stop in time")
+            newly, self.asleep = not self.asleep, True
+            return C.encode_ok(C.SLEPT if newly else C.ALREADY)
+        self.asleep = False
+        return C.encode_ok()
+
+
+def test_full_suspend_that_a_device_refuses_wakes_what_it_slept_and_runs_the_vcpus():
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    vcpus = [FakeVcpu()]
+    earlier, fresh, stuck = SleepTarget(asleep=True), SleepTarget(), SleepTarget(refuse=True)
+    handlers = vm_handlers(SimpleNamespace(vcpus=vcpus, _exit_request=lambda: "Ok",
+                                           virtio_targets=lambda: [earlier, fresh, stuck]))
+
+    response = handlers["SuspendVm"]().work()
+
+    assert response == {"ErrString": "the worker did not stop in time"}
+    assert [v.running for v in vcpus] == [True]
+    assert (earlier.asleep, fresh.asleep) == (True, False)
+
+
+def test_suspend_refused_as_busy_leaves_the_vcpus_running(tmp_path):
+    from types import SimpleNamespace
+
+    from crosvm.vm_control.handlers import vm_handlers
+    from crosvm.vm_control.server import MAX_DEFERRED
+    vcpus = [FakeVcpu()]
+    release = threading.Event()
+    handlers = vm_handlers(SimpleNamespace(vcpus=vcpus, _exit_request=lambda: "Ok"))
+    handlers["Slow"] = lambda: Deferred(lambda: release.wait(10) and "Ok")
+    srv = ControlServer(str(tmp_path / "vm.sock"), handlers)
+    srv.start()
+    clients = []
+    try:
+        for _ in range(MAX_DEFERRED):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(srv.path)
+            s.send(b'"Slow"')
+            clients.append(s)
+        response = handle_request("SuspendVcpus", srv.path)
+    finally:
+        release.set()
+        for s in clients:
+            s.close()
+        srv.close()
+
+    assert response == {"ErrString": f"busy: {MAX_DEFERRED} requests are in progress"}
+    assert [v.running for v in vcpus] == [True]

@@ -224,6 +224,7 @@ class QueueWorker:
         self._pause_cond = threading.Condition()
         self._pauses = 0        # pauses without their resume yet
         self._sleeping = False  # the worker is in its sleep loop
+        self._ended = False     # the worker's loop is over (set under _pause_cond)
         self._ep: select.epoll | None = None
         self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -264,6 +265,7 @@ class QueueWorker:
         finally:
             ep.close()
             with self._pause_cond:
+                self._ended = True
                 self._pause_cond.notify_all()  # a pause() waiting on a dead worker returns
 
     def _sleep_until_woken(self) -> None:
@@ -286,7 +288,7 @@ class QueueWorker:
         self._sleep_event.signal()
         with self._pause_cond:
             asleep = self._pause_cond.wait_for(
-                lambda: self._sleeping or not self._thread.is_alive(), timeout)
+                lambda: self._sleeping or self._ended, timeout)
             if not asleep:  # undone: a worker busy for long must not sleep later for it
                 self._pauses -= 1
                 self._pause_cond.notify_all()

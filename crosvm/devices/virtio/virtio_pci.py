@@ -331,26 +331,28 @@ class VirtioPciDevice(PciDevice):
         try:
             if code not in C.CODES or not 0 <= arg <= C.MAX_ARG:
                 raise C.DeviceControlError(f"unknown device request {code}")
-            # Not under `_lock`: a pause may wait for a long request to finish, and the
-            # vCPUs must reach the device's registers meanwhile.
+            # Sleep and wake not under `_lock`: a pause may wait for a long request to
+            # finish, and (without the sandbox) the vCPUs reach the registers meanwhile.
             with self._control_lock:
                 with self._lock:
                     worker = self.device.worker if self.activated else None
                 if code == C.CTRL_SLEEP:  # `suspend --full`: once, however often asked
-                    if worker is not None and self._slept is not worker:
-                        if not worker.pause():
-                            raise C.DeviceControlError(f"{self.device.debug_label()}: the "
-                                                       "worker did not stop in time")
-                        self._slept = worker
-                    return C.encode_ok()
+                    if worker is None or self._slept is worker:
+                        return C.encode_ok(C.ALREADY)
+                    if not worker.pause():
+                        raise C.DeviceControlError(f"{self.device.debug_label()}: the "
+                                                   "worker did not stop in time")
+                    self._slept = worker
+                    return C.encode_ok(C.SLEPT)  # paused now: a failed suspend undoes it
                 if code == C.CTRL_WAKE:
                     if self._slept is not None:
                         self._slept.resume()
                         self._slept = None
                     return C.encode_ok()
-                payload, config_changed = self.device.control(code, arg)
-                if config_changed:
-                    with self._lock:
+                # Under `_lock`: a guest reset must not swap the worker a resize paused.
+                with self._lock:
+                    payload, config_changed = self.device.control(code, arg)
+                    if config_changed:
                         # virtio 1.x, 4.1.4.3: the driver rereads config when the
                         # generation changes, and is told by the config interrupt.
                         self.config_generation = (self.config_generation + 1) & 0xFF
