@@ -59,6 +59,7 @@ class Passt:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace").strip()
                 lines = [l for l in err.splitlines() if "syslog" not in l]
+                self.close()  # its directory too
                 raise PasstError(f"net: passt exited with status {self.proc.returncode} "
                                  f"before opening its socket: {lines[-1] if lines else ''}")
             if time.monotonic() > deadline:
@@ -81,6 +82,7 @@ class Passt:
                 time.sleep(0.05)
             except OSError as e:
                 sock.close()
+                self.close()  # a passt we started, and its directory
                 raise PasstError(f"net: cannot connect to passt at {path}: {e.strerror}") from None
         else:
             sock.close()
@@ -90,10 +92,16 @@ class Passt:
         return sock
 
     def watch(self) -> None:
-        """Log passt's death if it comes before the VM's end."""
+        """Log passt's death if it comes before the VM's end, and keep reading its
+        stderr: a full pipe would block passt, and with it the guest's network."""
         proc = self.proc
         if proc is None:
             return
+
+        def drain() -> None:
+            for line in proc.stderr:
+                log.debug("passt: %s", line.decode(errors="replace").rstrip()[:200])
+        threading.Thread(target=drain, name="passt_stderr", daemon=True).start()
 
         def wait() -> None:
             code = proc.wait()

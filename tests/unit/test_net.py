@@ -405,3 +405,72 @@ def test_stream_peer_closing_takes_its_socket_out_of_the_worker_wait_set(rig_fac
     while fd in rig.net.worker._watched and time.monotonic() < deadline:
         time.sleep(0.01)
     assert fd not in rig.net.worker._watched
+
+
+# -- review findings: state across resets, the control queue without MQ, link status --
+def reactivate(rig: Rig) -> None:
+    """A driver reset, then activation again on the same rings."""
+    rig.net.reset()
+    rig.net.activate(rig.mem, Interrupt(None, rig.line),
+                     [(i, d.queue, k) for i, (d, k) in enumerate(zip(rig.drivers, rig.kicks))])
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_stream_peer_gone_before_an_activation_is_not_polled_by_it(rig_factory):
+    rig = rig_factory(stream=True)
+    fd = rig.net.tap_fds[0]
+    rig.host[0].close()
+    rig.host.clear()
+    wait_until(lambda: fd not in rig.net.worker._watched)
+
+    reactivate(rig)
+    watched_at_start = wait_until(lambda: fd in rig.net.worker._watched, 0.5)
+
+    assert not watched_at_start
+
+
+def test_stream_frame_half_read_before_a_reset_is_completed_after_it(rig_factory):
+    rig = rig_factory(stream=True)
+    data = struct.pack(">I", len(FRAME)) + FRAME
+    rig.host[0].send(data[:300])
+    half_read = wait_until(lambda: rig.net.stream_have[0] == 300)
+
+    reactivate(rig)
+    _, (addr,) = rig.rx.add_buffers([], [2048])
+    rig.kick(0)
+    rig.host[0].send(data[300:])
+    used = rig.used(rig.rx, 1)
+
+    assert half_read
+    assert used[-1:] == [(used[-1][0], P.VNET_HDR_LEN + len(FRAME))]
+    assert rig.mem.read(addr + P.VNET_HDR_LEN, len(FRAME)) == FRAME
+
+
+def test_control_queue_is_queue_2_when_multiqueue_is_not_negotiated(rig_factory):
+    rig = rig_factory(features=1 << P.F_CTRL_VQ, pairs=2)
+    ctrl = rig.drivers[2]   # virtio 5.1.2: controlq is 2N with N = 1 without MQ
+
+    _, (ack,) = ctrl.add_buffers([bytes([P.CLASS_MQ, P.MQ_VQ_PAIRS_SET, 2, 0])], [1])
+    rig.kick(2)
+    used = rig.used(ctrl, 1)
+
+    assert (len(used), rig.mem.read(ack, 1)[0]) == (1, P.CTRL_ERR)
+
+
+def test_stream_peer_closing_reports_the_link_down_in_config_space(rig_factory):
+    rig = rig_factory(stream=True)
+    up_before = rig.net.config_bytes()[6:8]
+
+    rig.host[0].close()
+    rig.host.clear()
+    down = wait_until(lambda: not rig.net.link_up())
+
+    assert (up_before, down, rig.net.config_bytes()[6:8]) == (
+        struct.pack("<H", P.S_LINK_UP), True, b"\0\0")

@@ -52,6 +52,20 @@ def test_tx_header_gso_with_zero_segment_size_is_refused():
         P.check_tx_header(hdr, 1000, TSO4_ACKED)
 
 
+def test_tx_header_gso_with_a_tiny_segment_size_is_refused():
+    hdr = P.VnetHeader(P.HDR_F_NEEDS_CSUM, P.GSO_TCPV4, 54, 1, 34, 16)
+
+    with pytest.raises(P.HeaderError, match="segment size of 1"):
+        P.check_tx_header(hdr, 60000, TSO4_ACKED)
+
+
+def test_tx_header_with_data_valid_is_refused():
+    hdr = P.VnetHeader(P.HDR_F_DATA_VALID)
+
+    with pytest.raises(P.HeaderError, match="not allowed on transmit"):
+        P.check_tx_header(hdr, 1000, TSO4_ACKED)
+
+
 def test_tx_frame_longer_than_the_maximum_is_refused():
     with pytest.raises(P.HeaderError, match="longer than"):
         P.check_tx_header(P.VnetHeader(), P.MAX_FRAME_LEN + 1, 0)

@@ -91,6 +91,12 @@ class Net(V.VirtioDevice):
         self.acked_features = 0
         self.offload_flags = 0
         self.stats = NetStats()
+        # Per backend and kept across resets: a stream is not back at a frame boundary
+        # because the driver reset (a frame half read, or half sent, goes on).
+        self.rx_buffers = [bytearray(FRAME_BUFFER) for _ in tap_fds]
+        self.stream_have = [0] * len(tap_fds)     # bytes of length prefix + frame read
+        self.tx_backlog: list[bytes] = [b""] * len(tap_fds)  # unsent end of one frame
+        self.backend_dead = [False] * len(tap_fds)  # the peer went away, or the TAP fails
 
     def debug_label(self) -> str:
         return self.label
@@ -114,7 +120,7 @@ class Net(V.VirtioDevice):
         return bits
 
     def config_bytes(self) -> bytes:
-        return P.config_bytes(self.mac, True, self.pairs, self.mtu)
+        return P.config_bytes(self.mac, self.link_up(), self.pairs, self.mtu)
 
     def _apply_offload(self, flags: int) -> bool:
         """TUNSETOFFLOAD on every queue; without UFO if the kernel refuses it. A TAP
@@ -143,8 +149,8 @@ class Net(V.VirtioDevice):
         worker = _NetWorker(self, mem, interrupt, by_index, {i: e for i, _, e in queues})
         self.worker = V.QueueWorker(
             "v_net", interrupt, [(i, e) for i, _, e in queues], worker.handle,
-            extra=[(fd, lambda j=j: worker.backend_ready(j)) for j, fd in enumerate(self.tap_fds)])
-        worker.queue_worker = self.worker
+            extra=[(fd, lambda j=j: worker.backend_ready(j)) for j, fd in enumerate(self.tap_fds)],
+            on_start=worker.started)
 
     def reset(self) -> bool:
         super().reset()
@@ -152,10 +158,18 @@ class Net(V.VirtioDevice):
         return True
 
     def close(self) -> None:
-        self.reset()
+        try:
+            self.reset()
+        except V.WorkerStuck as e:  # the exit goes on; the fds still close
+            log.error("%s", e)
         for fd in self.tap_fds:
             os.close(fd)
         self.tap_fds = []
+
+    def link_up(self) -> bool:
+        """False once every backend is gone (a stream whose peer closed, a TAP that
+        fails): the guest is told through VIRTIO_NET_S_LINK_UP."""
+        return not all(self.backend_dead)
 
 
 class _NetWorker:
@@ -171,17 +185,27 @@ class _NetWorker:
         self.stats = dev.stats
         self.acked = dev.acked_features
         self.mrg = bool(self.acked >> P.F_MRG_RXBUF & 1)
-        self.ctrl_index = 2 * dev.pairs
+        # virtio 5.1.2: the control queue is 2N, N = 1 unless MQ was negotiated.
+        self.ctrl_index = 2 * dev.pairs if self.acked >> P.F_MQ & 1 else 2
         self.active_pairs = 1  # until the driver sends VQ_PAIRS_SET (virtio 5.1.6.5.5)
-        self.buffers = [bytearray(FRAME_BUFFER) for _ in dev.tap_fds]
+        self.buffers = dev.rx_buffers
         self.pending: list[int] = [0] * len(dev.tap_fds)  # bytes of a frame not yet delivered
         self.paused = [False] * len(dev.tap_fds)
         self.stream = dev.stream
-        self.stream_have = [0] * len(dev.tap_fds)   # bytes of length prefix + frame read
-        self.tx_backlog: list[bytes] = [b""] * len(dev.tap_fds)  # unsent end of one frame
-        self.dead = [False] * len(dev.tap_fds)    # the stream's peer went away
+        self.stream_have = dev.stream_have
+        self.tx_backlog = dev.tx_backlog
+        self.dead = dev.backend_dead
         self.reserved: dict[int, list[DescriptorChain]] = {}  # rx chains held for one frame
         self.queue_worker: V.QueueWorker | None = None
+
+    def started(self, queue_worker: V.QueueWorker) -> None:
+        """On the worker's thread, before its first callback: from now on `watch`
+        works, so what an earlier activation left (a dead backend, output held) is
+        reflected in what the worker polls."""
+        self.queue_worker = queue_worker
+        for tap in range(len(self.dev.tap_fds)):
+            if self.dead[tap] or self.tx_backlog[tap]:
+                self._update_watch(tap)
 
     # -- dispatch ---------------------------------------------------------------
     def handle(self, index: int) -> bool:
@@ -278,12 +302,17 @@ class _NetWorker:
             self._update_watch(tap)
 
     def _stream_gone(self, tap: int, why: str) -> None:
-        if not self.dead[tap]:
-            log.error("%s: the network backend's socket is gone (%s); the guest's link is "
-                      "down", self.dev.label, why)
+        if self.dead[tap]:
+            self._update_watch(tap)
+            return
+        log.error("%s: network backend %d is gone (%s)%s", self.dev.label, tap, why,
+                  "; the guest's link is down" if all(
+                      d or i == tap for i, d in enumerate(self.dead)) else "")
         self.dead[tap] = True
         self.tx_backlog[tap] = b""
         self._update_watch(tap)
+        if not self.dev.link_up():
+            self.interrupt.signal_config_changed()  # the driver rereads the status
 
     def _update_watch(self, tap: int) -> None:
         if self.queue_worker is not None:
@@ -293,6 +322,9 @@ class _NetWorker:
 
     def backend_ready(self, tap: int) -> None:
         """The TAP or stream socket is readable (or, with output held, writable)."""
+        if self.dead[tap]:  # a hang-up is reported whatever was asked: stop polling it
+            self._update_watch(tap)
+            return
         if self.tx_backlog[tap]:
             try:
                 sent = os.write(self.dev.tap_fds[tap], self.tx_backlog[tap])
@@ -395,10 +427,15 @@ class _NetWorker:
         need = len(frame)
         chains: list[DescriptorChain] = []
         room = 0
+        discarded = 0
         while room < need:
             if len(chains) >= queue.size:  # every buffer the ring can hold is too small
                 self.stats.rx_dropped_no_room += 1
                 return True
+            if discarded >= queue.size:
+                # A ring's worth of useless buffers: the frame waits for the next kick,
+                # so a guest re-posting them cannot hold the worker here.
+                return False
             chain = self._next_chain(index, queue, len(chains))
             if chain is None:
                 return False
@@ -407,6 +444,7 @@ class _NetWorker:
                 self.stats.rx_bad_buffers += 1
                 held.remove(chain)
                 queue.add_used(self.mem, chain.index, 0)
+                discarded += 1
                 continue
             chains.append(chain)
             room += chain.writable_len()

@@ -47,6 +47,7 @@ VNET_HDR = struct.Struct("<BBHHHHH")
 VNET_HDR_LEN = VNET_HDR.size
 HDR_F_NEEDS_CSUM = 1
 HDR_F_DATA_VALID = 2
+MIN_GSO_SIZE = 64  # bytes per segment a transmitted GSO frame may ask for
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_ECN = 0, 1, 3, 4, 0x80
 
 # The largest frame either side may hand over: a 64 KiB GSO packet plus its Ethernet
@@ -107,8 +108,9 @@ def check_tx_header(hdr: VnetHeader, frame_len: int, acked: int) -> None:
         raise HeaderError(f"frame of {frame_len} bytes is shorter than an Ethernet header")
     if frame_len > MAX_FRAME_LEN:
         raise HeaderError(f"frame of {frame_len} bytes is longer than {MAX_FRAME_LEN}")
-    if hdr.flags & ~(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID):
-        raise HeaderError(f"unknown header flags {hdr.flags:#x}")
+    # virtio 5.1.6.2.1: the driver MUST NOT set DATA_VALID (nor RSC_INFO) on transmit.
+    if hdr.flags & ~HDR_F_NEEDS_CSUM:
+        raise HeaderError(f"header flags {hdr.flags:#x} are not allowed on transmit")
     if hdr.flags & HDR_F_NEEDS_CSUM:
         if not acked >> F_CSUM & 1:
             raise HeaderError("NEEDS_CSUM without VIRTIO_NET_F_CSUM")
@@ -129,8 +131,10 @@ def check_tx_header(hdr: VnetHeader, frame_len: int, acked: int) -> None:
         raise HeaderError("GSO ECN was not negotiated")
     if not hdr.flags & HDR_F_NEEDS_CSUM:
         raise HeaderError("a GSO frame must ask for a checksum (NEEDS_CSUM)")
-    if hdr.gso_size == 0:
-        raise HeaderError("GSO frame with a segment size of 0")
+    if hdr.gso_size < MIN_GSO_SIZE:
+        # Tinier segments would make the host cut one frame into thousands.
+        raise HeaderError(f"GSO frame with a segment size of {hdr.gso_size} "
+                          f"(at least {MIN_GSO_SIZE})")
 
 
 def tap_offload_flags(acked: int) -> int:

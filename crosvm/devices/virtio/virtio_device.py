@@ -208,8 +208,12 @@ class QueueWorker:
 
     def __init__(self, name: str, interrupt: Interrupt, queue_events: list[tuple[int, Event]],
                  handle: HandleFn,
-                 extra: list[tuple[int, Callable[[], None]]] | None = None) -> None:
+                 extra: list[tuple[int, Callable[[], None]]] | None = None,
+                 on_start: Callable[["QueueWorker"], None] | None = None) -> None:
+        """`on_start(worker)` runs first on the worker's thread, before any callback:
+        the place to hand the worker to code its callbacks use (`watch`)."""
         self.kill = Event()
+        self._on_start = on_start
         self._stopping = False  # read by long transfers between their pieces
         self.name = name
         self._interrupt = interrupt
@@ -245,6 +249,8 @@ class QueueWorker:
         ep.register(self.kill.fd, select.EPOLLIN)
         ep.register(self._sleep_event.fd, select.EPOLLIN)
         set_stop_check(lambda: self._stopping)
+        if self._on_start is not None:
+            self._on_start(self)
         try:
             # Buffers made available before activation (or before we registered) count too.
             for index, event in self._queue_events:
