@@ -89,9 +89,16 @@ def check_chain(mem: GuestMemory, chain: DescriptorChain, queue_size: int) -> No
 class _Recorder:
     """Stands in for QueueWorker during `activate_sync`: keeps the callbacks, no thread."""
 
-    def __init__(self, name, interrupt, queue_events, handle, extra=None) -> None:
+    def __init__(self, name, interrupt, queue_events, handle, extra=None,
+                 on_start=None) -> None:
         self.handle = handle
         self.extra = dict(extra or [])
+        self.watched: dict[int, tuple[bool, bool]] = {}
+        if on_start is not None:
+            on_start(self)
+
+    def watch(self, fd: int, readable: bool, writable: bool = False) -> None:
+        self.watched[fd] = (readable, writable)
 
     def stop(self) -> None:
         pass
