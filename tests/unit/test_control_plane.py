@@ -462,6 +462,18 @@ class FakeWorker:
         self.resumes += 1
 
 
+def occupy_deferred_slots(srv: ControlServer) -> list[socket.socket]:
+    """MAX_DEFERRED clients that each sent "Slow" and wait for the answer meanwhile."""
+    from crosvm.vm_control.server import MAX_DEFERRED
+    clients = []
+    for _ in range(MAX_DEFERRED):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(srv.path)
+        s.send(b'"Slow"')
+        clients.append(s)
+    return clients
+
+
 def test_deferred_requests_beyond_the_cap_are_refused_as_busy(tmp_path):
     from crosvm.vm_control.server import MAX_DEFERRED
     release = threading.Event()
@@ -470,11 +482,7 @@ def test_deferred_requests_beyond_the_cap_are_refused_as_busy(tmp_path):
     srv.start()
     clients = []
     try:
-        for _ in range(MAX_DEFERRED):   # each waits for its answer meanwhile
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.connect(srv.path)
-            s.send(b'"Slow"')
-            clients.append(s)
+        clients = occupy_deferred_slots(srv)
         extra = handle_request("Slow", srv.path)
         release.set()
     finally:
@@ -594,11 +602,7 @@ def test_suspend_refused_as_busy_leaves_the_vcpus_running(tmp_path):
     srv.start()
     clients = []
     try:
-        for _ in range(MAX_DEFERRED):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.connect(srv.path)
-            s.send(b'"Slow"')
-            clients.append(s)
+        clients = occupy_deferred_slots(srv)
         response = handle_request("SuspendVcpus", srv.path)
     finally:
         release.set()
