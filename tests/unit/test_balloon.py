@@ -15,7 +15,7 @@ from crosvm.devices.virtio import balloon as BL
 from crosvm.devices.virtio.balloon_parse import (MAX_PFN_BYTES, page_ranges, parse_pfns,
                                                  parse_stats, usable_ram)
 from crosvm.devices.virtio.driver import QueueDriver
-from crosvm.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from crosvm.devices.virtio.queue import VIRTQ_DESC_F_WRITE
 from crosvm.devices.virtio.virtio_device import Interrupt
 from crosvm.vm_control.handlers import RequestError, parse_balloon_command, stats_response
 from crosvm.vm_memory import GuestMemory
@@ -72,19 +72,6 @@ def reporting_balloon(mem):
     dev, drivers, kicks = started(mem, BL.Balloon(page_reporting=True))
     yield dev, drivers, kicks
     dev.close()
-
-
-def post_chain(drv: QueueDriver, descs: list[tuple[int, int, int]]) -> int:
-    """Post (address, length, flags) descriptors as one chain, as a hostile driver
-    would: any addresses, overlapping or not. Returns the head."""
-    head = drv.next_desc
-    for i, (addr, length, flags) in enumerate(descs):
-        index = (head + i) % drv.size
-        more = VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0
-        drv.write_desc(index, addr, length, flags | more, (index + 1) % drv.size)
-    drv.next_desc = (head + len(descs)) % drv.size
-    drv.publish(head)
-    return head
 
 
 def kick_and_wait(kick: Event, drv: QueueDriver) -> list[tuple[int, int]]:
@@ -173,7 +160,7 @@ def test_inflate_chain_longer_than_the_pfn_bound_is_refused_without_copying_it(b
     dev, (inflate, _, _), kicks = balloon
     mem.write(TARGET_PAGE << 12, MARK)
     mem.write(BIG, struct.pack("<I", TARGET_PAGE) * (0x100000 // 4))
-    head = post_chain(inflate, [(BIG, 0x100000, 0)] * 16)  # 16 MiB, all the same 1 MiB
+    head = inflate.add_descriptors([(BIG, 0x100000, 0)] * 16)  # 16 MiB, all the same 1 MiB
 
     used, peak = peak_while(lambda: kick_and_wait(kicks[0], inflate))
 
@@ -184,7 +171,7 @@ def test_inflate_chain_longer_than_the_pfn_bound_is_refused_without_copying_it(b
 
 def test_deflate_chain_longer_than_the_pfn_bound_is_returned_without_copying_it(balloon, mem):
     dev, (_, deflate, _), kicks = balloon
-    head = post_chain(deflate, [(BIG, 0x100000, 0)] * 16)
+    head = deflate.add_descriptors([(BIG, 0x100000, 0)] * 16)
 
     used, peak = peak_while(lambda: kick_and_wait(kicks[1], deflate))
 
@@ -195,7 +182,7 @@ def test_deflate_chain_longer_than_the_pfn_bound_is_returned_without_copying_it(
 def test_stats_chain_is_read_only_as_far_as_the_stats_bound(balloon, mem):
     dev, (_, _, stats_q), kicks = balloon
     mem.write(BIG, struct.pack("<HQ", 4, 123 << 12) + bytes(0x100000 - 10))
-    post_chain(stats_q, [(BIG, 0x100000, 0)] * 16)
+    stats_q.add_descriptors([(BIG, 0x100000, 0)] * 16)
 
     def stats_once():
         kicks[2].signal()
@@ -240,7 +227,7 @@ def test_reported_free_pages_in_writable_buffers_are_released(reporting_balloon,
     dev, drivers, kicks = reporting_balloon
     report = drivers[3]
     mem.write(TARGET_PAGE << 12, MARK * 3)
-    head = post_chain(report, [(TARGET_PAGE << 12, 0x2000, VIRTQ_DESC_F_WRITE),
+    head = report.add_descriptors([(TARGET_PAGE << 12, 0x2000, VIRTQ_DESC_F_WRITE),
                                ((TARGET_PAGE + 2) << 12, 0x1000, VIRTQ_DESC_F_WRITE)])
 
     kicks[3].signal()
@@ -254,7 +241,7 @@ def test_reported_range_in_reserved_low_memory_is_not_released(reporting_balloon
     dev, drivers, kicks = reporting_balloon
     report = drivers[3]
     mem.write(RESERVED_PAGE << 12, MARK)
-    head = post_chain(report, [(RESERVED_PAGE << 12, 0x1000, VIRTQ_DESC_F_WRITE)])
+    head = report.add_descriptors([(RESERVED_PAGE << 12, 0x1000, VIRTQ_DESC_F_WRITE)])
 
     kicks[3].signal()
     used = wait_used(report)
@@ -267,7 +254,7 @@ def test_reported_range_that_is_not_whole_pages_is_not_released(reporting_balloo
     dev, drivers, kicks = reporting_balloon
     report = drivers[3]
     mem.write(TARGET_PAGE << 12, MARK * 2)
-    post_chain(report, [((TARGET_PAGE << 12) + 0x800, 0x1000, VIRTQ_DESC_F_WRITE)])
+    report.add_descriptors([((TARGET_PAGE << 12) + 0x800, 0x1000, VIRTQ_DESC_F_WRITE)])
 
     kicks[3].signal()
     used = wait_used(report)
@@ -280,7 +267,7 @@ def test_readable_buffer_on_the_reporting_queue_is_not_released(reporting_balloo
     dev, drivers, kicks = reporting_balloon
     report = drivers[3]
     mem.write(TARGET_PAGE << 12, MARK)
-    post_chain(report, [(TARGET_PAGE << 12, 0x1000, 0)])
+    report.add_descriptors([(TARGET_PAGE << 12, 0x1000, 0)])
 
     kicks[3].signal()
     used = wait_used(report)

@@ -28,6 +28,7 @@ from crosvm.vm_control import ControlServer, handle_request
 from crosvm.vm_control.handlers import RequestError, parse_disk_command, parse_gpe
 from crosvm.vm_control.server import Deferred
 from crosvm.vm_memory import GuestMemory
+from tests.unit.interrupts import Line
 
 PORTS = PmPorts()
 
@@ -219,12 +220,6 @@ def test_block_resize_crosses_the_device_process(mem, tmp_path):
 
 
 # -- a worker that sleeps and wakes --------------------------------------------------------
-class Line:
-    def __init__(self) -> None:
-        self.trigger = Event()
-        self.resample = Event()
-
-
 def test_paused_worker_serves_a_kick_only_after_resume(mem):
     rng = Rng()
     drv = QueueDriver(mem)

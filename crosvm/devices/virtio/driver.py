@@ -71,14 +71,20 @@ class QueueDriver:
                 more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
                 self.write_desc(i, addr, n, flags | more, i + 1, table=table)
             bufs = [(table, 16 * len(bufs), VIRTQ_DESC_F_INDIRECT)]
+        return self.add_descriptors(bufs), out_addrs
+
+    def add_descriptors(self, descs: list[tuple[int, int, int]]) -> int:
+        """Post (address, length, flags) descriptors as one chain (NEXT links added),
+        at whatever addresses, overlapping or not, as a hostile driver may. Returns
+        the head."""
         head = self.next_desc
-        for i, (addr, n, flags) in enumerate(bufs):
+        for i, (addr, n, flags) in enumerate(descs):
             index = (head + i) % self.size
-            more = VIRTQ_DESC_F_NEXT if i + 1 < len(bufs) else 0
+            more = VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0
             self.write_desc(index, addr, n, flags | more, (index + 1) % self.size)
-        self.next_desc = (head + len(bufs)) % self.size
+        self.next_desc = (head + len(descs)) % self.size
         self.publish(head)
-        return head, out_addrs
+        return head
 
     def used(self) -> list[tuple[int, int]]:
         """Used elements (id, len) the device added since the last call."""
