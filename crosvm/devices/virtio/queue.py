@@ -48,21 +48,26 @@ class DescriptorChain:
         return sum(n for _, n in self.writable)
 
 
-def _read_desc(mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
-    return struct.unpack("<QIHH", mem.slice(table + index * DESC_SIZE, DESC_SIZE))
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
 
 
 def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
-                indirect_allowed: bool = True) -> DescriptorChain:
+                indirect_allowed: bool = True,
+                table_view: memoryview | None = None) -> DescriptorChain:
     """Walk the chain starting at `head`, validating every descriptor.
 
     A chain has at most `queue_size` buffer descriptors, those of an indirect table
     included (virtio 1.x, 2.7.5.3.1): that bounds the walk (and catches loops) even when an indirect table is
     far larger than the queue, so one kick cannot cost the worker seconds.
+    `table_view`, when given, is the descriptor table already mapped (a live queue
+    keeps one, so each descriptor is one unpack, not a guest-memory lookup).
     """
     chain = DescriptorChain(head)
     total = 0
-    table, table_size = desc_table, queue_size
+    table_size = queue_size
+    view = mem.slice(desc_table, DESC_SIZE * queue_size) if table_view is None else table_view
     index = head
     seen = 0
     in_indirect = False
@@ -73,7 +78,7 @@ def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
         if seen > queue_size:
             raise DescriptorError(
                 f"descriptor chain is longer than the queue size {queue_size} (loop?)")
-        addr, length, flags, next_index = _read_desc(mem, table, index)
+        addr, length, flags, next_index = _DESC.unpack_from(view, index * DESC_SIZE)
         if flags & ~(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT):
             raise DescriptorError(f"unknown descriptor flags {flags:#x}")
         if flags & VIRTQ_DESC_F_INDIRECT:
@@ -85,7 +90,7 @@ def parse_chain(mem: GuestMemory, desc_table: int, queue_size: int, head: int,
                 raise DescriptorError(f"bad indirect table length {length}")
             if not mem.is_valid_range(addr, length):
                 raise DescriptorError(f"indirect table {addr:#x}+{length:#x} outside guest memory")
-            table, table_size = addr, length // DESC_SIZE
+            view, table_size = mem.slice(addr, length), length // DESC_SIZE
             index, in_indirect = 0, True
             seen -= 1  # the indirect descriptor itself carries no buffer
             continue
@@ -177,10 +182,23 @@ class Queue:
         self.next_used = 0
         self.signalled_used: int | None = None
         self.used_since_signal = 0  # elements added since the driver was last interrupted
+        self._bound: GuestMemory | None = None
+        self._views: tuple[memoryview, memoryview, memoryview] | None = None
+
+    def _rings(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
+        """The descriptor table and both rings as views, mapped once per memory (the
+        layout is frozen at activation), so the per-chain work is struct unpacks."""
+        if self._bound is not mem:
+            n, extra = self.size, (2 if self.event_idx else 0)
+            self._views = (mem.slice(self.desc_table, DESC_SIZE * n),
+                           mem.slice(self.avail_ring, 4 + 2 * n + extra),
+                           mem.slice(self.used_ring, 4 + 8 * n + extra))
+            self._bound = mem
+        return self._views
 
     # -- driver → device --------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:
-        return mem.read_int(self.avail_ring + 2, 2)
+        return _U16.unpack_from(self._rings(mem)[1], 2)[0]
 
     def has_available(self, mem: GuestMemory) -> bool:
         return self.avail_idx(mem) != self.next_avail
@@ -193,20 +211,19 @@ class Queue:
         (an index jump beyond the queue size, a head outside the table) raises
         `QueueError`: the queue cannot be trusted any more.
         """
+        desc, avail, _ = self._rings(mem)
         for _ in range(self.size):  # at most a ring's worth of bad chains per call
-            avail = self.avail_idx(mem)
-            pending = (avail - self.next_avail) & 0xFFFF
+            pending = (_U16.unpack_from(avail, 2)[0] - self.next_avail) & 0xFFFF
             if pending == 0:
                 return None
             if pending > self.size:
                 raise QueueError(f"available index jumped by {pending} (queue size {self.size})")
-            slot = self.next_avail % self.size
-            head = mem.read_int(self.avail_ring + 4 + 2 * slot, 2)
+            head = _U16.unpack_from(avail, 4 + 2 * (self.next_avail % self.size))[0]
             if head >= self.size:
                 raise QueueError(f"available ring entry {head} is outside the table ({self.size})")
             self.next_avail = (self.next_avail + 1) & 0xFFFF
             try:
-                return parse_chain(mem, self.desc_table, self.size, head)
+                return parse_chain(mem, self.desc_table, self.size, head, table_view=desc)
             except DescriptorError as e:
                 _guest_log.warning("dropping bad descriptor chain (head %d): %s", head, e)
                 self.add_used(mem, head, 0)
@@ -215,22 +232,22 @@ class Queue:
     def set_avail_event(self, mem: GuestMemory) -> None:
         """With EVENT_IDX, ask for a kick when the driver makes the next buffer available."""
         if self.event_idx:
-            mem.write_int(self.used_ring + 4 + 8 * self.size, self.next_avail, 2)
+            _U16.pack_into(self._rings(mem)[2], 4 + 8 * self.size, self.next_avail)
 
     # -- device → driver --------------------------------------------------------
     def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
-        slot = self.next_used % self.size
-        mem.write(self.used_ring + 4 + 8 * slot, struct.pack("<II", head, length))
+        used = self._rings(mem)[2]
+        _USED_ELEM.pack_into(used, 4 + 8 * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
         self.used_since_signal += 1
         # The element is written before the index: on x86 stores are not reordered.
-        mem.write_int(self.used_ring + 2, self.next_used, 2)
+        _U16.pack_into(used, 2, self.next_used)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
         self.used_since_signal = 0
         if self.event_idx:
-            used_event = mem.read_int(self.avail_ring + 4 + 2 * self.size, 2)
+            used_event = _U16.unpack_from(self._rings(mem)[1], 4 + 2 * self.size)[0]
             old = self.signalled_used
             new = self.next_used
             self.signalled_used = new
@@ -238,5 +255,5 @@ class Queue:
                 return True
             # vring_need_event: did the new used index pass used_event?
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        flags = mem.read_int(self.avail_ring, 2)
+        flags = _U16.unpack_from(self._rings(mem)[1], 0)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
