@@ -14,7 +14,7 @@ from crosvm.base import boundedjson
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-from crosvm.config import Config, DiskOption, NetOption, PmemOption, SerialParameters
+from crosvm.config import Config, ConfigError, DiskOption, NetOption, PmemOption, SerialParameters
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -204,7 +204,15 @@ def _legacy_nets(values: dict[str, Any]) -> list[NetOption]:
     nets = [NetOption(tap_name=name, **common) for name in values.get("legacy-tap-name", [])]
     nets += [NetOption(tap_fd=fd, **common) for fd in values.get("legacy-tap-fd", [])]
     raw = {k: values.get(f"legacy-{k}") for k in ("host-ip", "netmask", "mac")}
-    if any(v is not None for v in raw.values()):
+    given = [k for k, v in raw.items() if v is not None]
+    if given and len(given) < len(raw):
+        missing = [f"--{k}" for k in raw if raw[k] is None]
+        hint = (" (for a TAP's guest MAC use --net tap-name=NAME,mac=MAC)"
+                if given == ["mac"] else "")
+        raise ConfigError(f"{', '.join(f'--{k}' for k in given)} needs "
+                          f"{' and '.join(missing)} too: together they make a TAP "
+                          f"crosvm creates{hint}")
+    if given:
         nets.append(NetOption(host_ip=raw["host-ip"], netmask=raw["netmask"], mac=raw["mac"],
                               **common))
     return nets

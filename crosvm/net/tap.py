@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import ipaddress
 import os
+import socket
 
 from crosvm.base.ioctl import ior, iow, ioctl_ref, ioctl_val
 
@@ -35,6 +36,7 @@ TUNSETIFF = iow(ord("T"), 202, ctypes.c_int)
 TUNGETIFF = ior(ord("T"), 210, ctypes.c_uint)
 TUNSETOFFLOAD = iow(ord("T"), 208, ctypes.c_uint)
 TUNSETVNETHDRSZ = iow(ord("T"), 216, ctypes.c_int)
+SIOCGIFMTU = 0x8921
 
 
 class TapError(Exception):
@@ -107,6 +109,17 @@ class Tap:
             self.close()
             raise TapError(f"tap {self.name}: failed to set the vnet header: {e.strerror}") from None
 
+    def mtu(self) -> int | None:
+        """The interface's MTU (SIOCGIFMTU by name, in this network namespace), or
+        None when it cannot be read (a tap-fd= from another namespace, say)."""
+        req = _IfReq(self.name.encode())
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                fcntl.ioctl(s.fileno(), SIOCGIFMTU, req)
+        except OSError:
+            return None
+        return ctypes.c_int.from_buffer_copy(bytes(req)[IFNAMSIZ:IFNAMSIZ + 4]).value
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -123,8 +136,8 @@ def prefix_length(netmask: str) -> int:
     return ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
 
 
-def configure_host(name: str, host_ip: str, netmask: str) -> None:
-    """Give the host side of TAP `name` its address and bring it up (netlink)."""
+def configure_host(name: str, host_ip: str, netmask: str, mac: bytes | None = None) -> None:
+    """Give the host side of TAP `name` its address (and MAC) and bring it up (netlink)."""
     from pyroute2 import IPRoute  # only needed for host-ip=
     try:
         prefix = prefix_length(netmask)
@@ -135,6 +148,8 @@ def configure_host(name: str, host_ip: str, netmask: str) -> None:
             index = ipr.link_lookup(ifname=name)
             if not index:
                 raise TapError(f"tap {name} vanished before it was configured")
+            if mac is not None:
+                ipr.link("set", index=index[0], address=mac_text(mac))
             ipr.addr("add", index=index[0], address=host_ip, prefixlen=prefix)
             ipr.link("set", index=index[0], state="up")
     except OSError as e:  # pyroute2's NetlinkError is an OSError
@@ -151,7 +166,9 @@ VHOST_NET_DEVICE = "/dev/vhost-net"
 
 def open_net_taps(params) -> "tuple[Tap, bytes | None]":
     """The TAP a `--net` option names (a `config.NetOption`), opened and, for host-ip=,
-    created and configured; plus the guest's MAC."""
+    created and configured; plus the guest's MAC. As in crosvm, host-ip='s mac= is the
+    TAP's own (host side) address and the guest picks a random one; tap-name= and
+    tap-fd= take mac= as the guest's."""
     from crosvm.devices.virtio.net_proto import parse_mac
     if params.vhost_net:
         if not os.path.exists(VHOST_NET_DEVICE):
@@ -166,8 +183,8 @@ def open_net_taps(params) -> "tuple[Tap, bytes | None]":
         return Tap.open(params.tap_name, params.vq_pairs), mac
     tap = Tap.open("", params.vq_pairs)
     try:
-        configure_host(tap.name, params.host_ip, params.netmask)
+        configure_host(tap.name, params.host_ip, params.netmask, mac)
     except BaseException:
         tap.close()
         raise
-    return tap, mac
+    return tap, None

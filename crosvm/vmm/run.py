@@ -31,7 +31,7 @@ from crosvm.devices.virtio.block import Block
 from crosvm.devices.virtio.console import Console
 from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
 from crosvm.devices.virtio.net import Net
-from crosvm.devices.virtio.net_proto import parse_mac
+from crosvm.devices.virtio.net_proto import net_mtu, parse_mac
 from crosvm.devices.virtio.rng import Rng
 from crosvm.disk import DiskError, open_disk
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
@@ -297,7 +297,8 @@ class Vm:
                 self.pci.add_virtio(self._passt_net(params, f"net{i}"))
                 continue
             tap, mac = open_net_taps(params)
-            self.pci.add_virtio(Net(tap.fds, mac, mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
+            self.pci.add_virtio(Net(tap.fds, mac, mtu=net_mtu(tap.mtu()),
+                                    mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 
 CLONE_NEWNET = 0x40000000
 MAC0, MAC1 = "52:54:00:12:34:01", "52:54:00:12:34:02"
+TAP0_MTU = 9000  # not the default: the guest must be told the TAP's own
 HOST0, GUEST0 = "10.77.0.1", "10.77.0.2"
 HOST1, GUEST1 = "10.78.0.1", "10.78.0.2"
 # passt copies the namespace's address and gateway for the guest, and maps the gateway
@@ -143,6 +144,7 @@ def netns():
 def tap0(netns):
     tap = open_tap_in(netns, "pcvmtap0")
     in_ns(netns, "ip", "addr", "add", f"{HOST0}/24", "dev", tap.name, check=True)
+    in_ns(netns, "ip", "link", "set", tap.name, "mtu", str(TAP0_MTU), check=True)
     in_ns(netns, "ip", "link", "set", tap.name, "up", check=True)
     yield tap
     tap.close()
@@ -178,10 +180,20 @@ def features(vm: GuestVm, iface: str) -> str:
     return vm.run(f"cat /sys/class/net/{iface}/device/features").stdout.strip()
 
 
-def test_guest_macs_come_from_config_space(vm):
-    out = vm.run("cat /sys/class/net/eth0/address /sys/class/net/eth1/address").stdout.split()
+def test_guest_mac_and_mtu_come_from_config_space(vm):
+    out = vm.run("cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu").stdout.split()
 
-    assert out == [MAC0, MAC1]
+    assert out == [MAC0, str(TAP0_MTU)]
+
+
+def test_host_ip_mac_is_the_host_taps_and_the_guest_picks_its_own(vm, netns):
+    # crosvm's host-ip=,netmask=,mac=: the TAP it creates gets the MAC; the guest's
+    # device offers none, so Linux makes up a random one.
+    links = in_ns(netns, "ip", "-o", "link", "show").stdout
+    guest = vm.run("cat /sys/class/net/eth1/address").stdout.strip()
+
+    assert (f"link/ether {MAC1} " in links, len(guest), guest != MAC1) == (True, 17, True), \
+        (links, guest)
 
 
 def test_guest_pings_host_five_times(vm):

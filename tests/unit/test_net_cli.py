@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -70,10 +71,8 @@ def test_deprecated_tap_name_and_tap_fd_each_make_a_net():
      "invalid host-ip"),
     (["--net", "host-ip=10.0.0.1,netmask=255.0.255.0,mac=52:54:00:00:00:01"],
      "invalid netmask"),
-    (["--net", "tap-name=a,mac=01:00:5e:00:00:01"], "multicast"),
     (["--net", "tap-name=a,vq-pairs=17"], "vq-pairs must be between"),
     (["--net", "tap-fd=3,vq-pairs=2"], "tap-fd= gives one queue"),
-    (["--netmask", "255.255.255.0"], "exactly one of"),
     (["--net", "passt,tap-name=a"], "exactly one of"),
     (["--net", "passt,vq-pairs=2"], "passt gives one queue pair"),
 ])
@@ -82,6 +81,16 @@ def test_invalid_net_options_are_config_errors(args, message):
 
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--netmask", "255.255.255.0"], "--netmask needs --host-ip and --mac too"),
+    (["--tap-name", "a", "--mac", "52:54:00:00:00:01"],
+     "--mac needs --host-ip and --netmask too.*--net tap-name=NAME,mac=MAC"),
+])
+def test_deprecated_host_ip_netmask_mac_must_come_together(args, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from(args + ["k"])
 
 
 def test_vhost_net_error_names_the_missing_device(tmp_path, monkeypatch):
@@ -125,3 +134,60 @@ def test_vhost_net_on_this_host_is_refused_naming_dev_vhost_net():
                     reason="no /dev/vhost-net on this machine: vhost-net cannot be exercised")
 def test_vhost_net_hands_the_queues_to_the_kernel():
     pytest.fail("vhost-net=true is not implemented: the device serves its queues itself")
+
+
+def in_new_netns(fn):
+    """Run `fn` on a thread that has its own network namespace (namespaces are per
+    thread), so TAPs it makes vanish with it."""
+    import ctypes
+    import threading
+    result = {}
+
+    def run():
+        try:
+            if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            result["value"] = fn()
+        except BaseException as e:  # handed to the test thread
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+needs_root_and_tun = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="creating a TAP needs root and /dev/net/tun")
+
+
+@needs_root_and_tun
+def test_host_ip_mac_is_set_on_the_host_tap_and_the_guest_gets_none():
+    from pyroute2 import IPRoute
+
+    def make():
+        tap, guest_mac = open_net_taps(NetOption(host_ip="10.9.0.1", netmask="255.255.255.0",
+                                                 mac="52:54:00:aa:bb:01"))
+        with IPRoute() as ipr:
+            link = ipr.get_links(ipr.link_lookup(ifname=tap.name)[0])[0]
+        tap.close()
+        return link.get_attr("IFLA_ADDRESS"), guest_mac
+
+    assert in_new_netns(make) == ("52:54:00:aa:bb:01", None)
+
+
+@needs_root_and_tun
+def test_tap_mtu_is_read_from_the_interface():
+    from crosvm.net.tap import Tap
+
+    def make():
+        tap = Tap.open("pcvmmtu0")
+        subprocess.run(["ip", "link", "set", "pcvmmtu0", "mtu", "9000"], check=True)  # inherits this thread's namespace
+        mtu = tap.mtu()
+        tap.close()
+        return mtu
+
+    assert in_new_netns(make) == 9000

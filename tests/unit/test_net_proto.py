@@ -111,9 +111,14 @@ def test_parse_mac_rejects_malformed_addresses(text):
         P.parse_mac(text)
 
 
-def test_parse_mac_rejects_a_multicast_address():
-    with pytest.raises(ValueError, match="multicast"):
-        P.parse_mac("01:00:5e:00:00:01")
+def test_parse_mac_accepts_a_multicast_address_as_crosvm_does():
+    assert P.parse_mac("01:00:5e:00:00:01") == bytes.fromhex("01005e000001")
+
+
+@pytest.mark.parametrize("tap_mtu, told", [(9000, 9000), (1280, 1280), (None, 1500),
+                                           (20, P.MIN_MTU), (1 << 20, P.MAX_MTU)])
+def test_net_mtu_is_the_taps_within_what_the_device_frames(tap_mtu, told):
+    assert P.net_mtu(tap_mtu) == told
 
 
 def test_config_bytes_hold_mac_status_pairs_and_mtu():

@@ -71,8 +71,8 @@ class Net(V.VirtioDevice):
             raise ValueError("virtio-net needs at least one TAP fd")
         if mac is not None and len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
-        if not 68 <= mtu <= P.MAX_FRAME_LEN - 18:
-            raise ValueError(f"mtu {mtu} is outside 68..{P.MAX_FRAME_LEN - 18}")
+        if not P.MIN_MTU <= mtu <= P.MAX_MTU:
+            raise ValueError(f"mtu {mtu} is outside {P.MIN_MTU}..{P.MAX_MTU}")
         if set_offload is None:
             from crosvm.net.tap import set_offload
         self.tap_fds = list(tap_fds)

@@ -55,6 +55,8 @@ GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_ECN = 0, 1, 3, 4, 0x80
 MAX_FRAME_LEN = 65535 + 14 + 4
 ETH_MIN_LEN = 14
 DEFAULT_MTU = 1500
+MIN_MTU = 68  # IPv4's minimum
+MAX_MTU = MAX_FRAME_LEN - 18  # an Ethernet header and a VLAN tag around the payload
 
 # TUNSETOFFLOAD flags (linux/if_tun.h).
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -154,6 +156,14 @@ def tap_offload_flags(acked: int) -> int:
     return flags
 
 
+def net_mtu(tap_mtu: int | None) -> int:
+    """The MTU the guest is told: the TAP's, as crosvm, kept within what the device
+    frames; 1500 when the TAP's could not be read."""
+    if tap_mtu is None:
+        return DEFAULT_MTU
+    return max(MIN_MTU, min(tap_mtu, MAX_MTU))
+
+
 def parse_mac(text: str) -> bytes:
     """`52:54:00:12:34:56` as 6 bytes; ValueError names what is wrong."""
     parts = text.split(":")
@@ -164,9 +174,7 @@ def parse_mac(text: str) -> bytes:
         mac = bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ValueError(f"invalid MAC address '{text}'") from None
-    if mac[0] & 1:
-        raise ValueError(f"MAC address '{text}' is a multicast address")
-    return mac
+    return mac  # any six bytes, as crosvm (a multicast one is the user's choice)
 
 
 def config_bytes(mac: bytes | None, link_up: bool, max_pairs: int, mtu: int) -> bytes:
