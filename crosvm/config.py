@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 # Only what this VMM implements: crosvm's unix-stream type and its debugcon and
@@ -73,6 +74,28 @@ class NetOption:
 
 MAX_NET_VQ_PAIRS = 16
 
+VHOST_VSOCK_DEVICE = "/dev/vhost-vsock"
+VSOCK_CID_MIN = 3               # 0, 1, 2: hypervisor, local, host
+VSOCK_CID_MAX = 0xFFFFFFFE      # 0xFFFFFFFF: VMADDR_CID_ANY
+SUN_PATH_MAX = 107              # sockaddr_un.sun_path, less its NUL
+UDS_PORT_SUFFIX_MAX = len("_4294967295")  # guest connections to port P go to PATH_P
+
+
+@dataclass
+class VsockOption:
+    """The `--vsock` option (or the deprecated --cid/--vhost-vsock-device/--vhost-vsock-fd):
+    vhost-vsock through `device`, or a userspace device bridged to Unix sockets at
+    `uds_path`. With neither given, `device` is /dev/vhost-vsock, so a valid option has
+    exactly one of the two set."""
+
+    cid: int
+    device: str | None = None
+    uds_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None and self.uds_path is None:
+            self.device = VHOST_VSOCK_DEVICE
+
 
 def default_serial() -> SerialParameters:
     """crosvm's default: COM1 is a stdout console that reads stdin."""
@@ -103,6 +126,7 @@ class Config:
     disks: list[DiskOption] = field(default_factory=list)
     pmems: list[PmemOption] = field(default_factory=list)
     nets: list[NetOption] = field(default_factory=list)
+    vsock: VsockOption | None = None
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -129,6 +153,7 @@ class Config:
         if sum(d.root for d in self.disks) + sum(p.root for p in self.pmems) > 1:
             raise ConfigError("only one block or pmem device can be the root device")
         validate_nets(self.nets)
+        validate_vsock(self.vsock)
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]
@@ -201,6 +226,41 @@ def validate_nets(nets: list[NetOption]) -> None:
                               f"not {n.vq_pairs}")
         if n.tap_fd is not None and n.vq_pairs > 1:
             raise ConfigError("net: tap-fd= gives one queue; vq-pairs must be 1 with it")
+
+
+def validate_vsock(vsock: VsockOption | None) -> None:
+    """crosvm's CID range; device= or our uds-path=, whose Unix socket names must fit."""
+    if vsock is None:
+        return
+    if not VSOCK_CID_MIN <= vsock.cid <= VSOCK_CID_MAX:
+        raise ConfigError(f"vsock: invalid cid {vsock.cid}: a guest CID is between "
+                          f"{VSOCK_CID_MIN} and {VSOCK_CID_MAX} (0, 1, 2 and "
+                          f"{VSOCK_CID_MAX + 1} are reserved)")
+    if vsock.device is not None and vsock.uds_path is not None:
+        raise ConfigError("vsock: device= and uds-path= cannot both be given (device= is "
+                          "vhost-vsock, uds-path= a userspace vsock on Unix sockets)")
+    if vsock.device is not None and not vsock.device:
+        raise ConfigError("vsock: device= must not be empty")
+    path = vsock.uds_path
+    if path is None:
+        return
+    if not path:
+        raise ConfigError("vsock: uds-path= must not be empty")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise ConfigError(f"vsock: uds-path {path!r} is not a valid file name") from None
+    if "\0" in path:
+        raise ConfigError(f"vsock: uds-path {path!r} contains a NUL byte")
+    if size + UDS_PORT_SUFFIX_MAX > SUN_PATH_MAX:
+        raise ConfigError(f"vsock: uds-path {path} is {size} bytes; it must be at most "
+                          f"{SUN_PATH_MAX - UDS_PORT_SUFFIX_MAX} so that PATH plus a "
+                          f"`_<port>` suffix (up to {UDS_PORT_SUFFIX_MAX} bytes) fits a "
+                          f"Unix socket address ({SUN_PATH_MAX} bytes)")
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ConfigError(f"vsock: the directory of uds-path {path}, {directory}, {what}")
 
 
 def validate_serial(ports: list[SerialParameters]) -> None:

@@ -14,7 +14,8 @@ from crosvm.base import boundedjson
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
-from crosvm.config import Config, ConfigError, DiskOption, NetOption, PmemOption, SerialParameters
+from crosvm.config import (Config, ConfigError, DiskOption, NetOption, PmemOption,
+                           SerialParameters, VsockOption)
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -193,6 +194,14 @@ def _build_config(values: dict[str, Any]) -> Config:
         full = kv.with_defaults(BY_CONFIG_KEY["net"].schema, n, "net")
         cfg.nets.append(NetOption(**{k.replace("-", "_"): v for k, v in full.items()}))
     cfg.nets += _legacy_nets(values)
+    if "vsock" in values:
+        full = kv.with_defaults(BY_CONFIG_KEY["vsock"].schema, values["vsock"], "vsock")
+        cfg.vsock = VsockOption(**{k.replace("-", "_"): v for k, v in full.items()})
+    legacy_vsock = _legacy_vsock(values)
+    if legacy_vsock is not None:
+        if cfg.vsock is not None:
+            raise ConfigError("--cid and --vsock cannot be given together; use --vsock only")
+        cfg.vsock = legacy_vsock
     return cfg
 
 
@@ -216,3 +225,25 @@ def _legacy_nets(values: dict[str, Any]) -> list[NetOption]:
         nets.append(NetOption(host_ip=raw["host-ip"], netmask=raw["netmask"], mac=raw["mac"],
                               **common))
     return nets
+
+
+def _legacy_vsock(values: dict[str, Any]) -> VsockOption | None:
+    """crosvm's deprecated --cid, with --vhost-vsock-device PATH or --vhost-vsock-fd FD
+    (which crosvm opens as /proc/self/fd/FD)."""
+    cid = values.get("legacy-cid")
+    device = values.get("legacy-vhost-vsock-device")
+    fd = values.get("legacy-vhost-vsock-fd")
+    if cid is None:
+        given = [name for name, v in (("--vhost-vsock-device", device),
+                                      ("--vhost-vsock-fd", fd)) if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --cid too (or use --vsock "
+                              "cid=N,device=PATH)")
+        return None
+    if device is not None and fd is not None:
+        raise ConfigError("only one of --vhost-vsock-device and --vhost-vsock-fd may be given")
+    if fd is not None:
+        if fd < 0:
+            raise ConfigError(f"invalid --vhost-vsock-fd {fd}")
+        device = f"/proc/self/fd/{fd}"
+    return VsockOption(cid=cid, device=device)

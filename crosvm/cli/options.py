@@ -81,6 +81,15 @@ NET_SCHEMA = Schema([
           "socket"),
 ], first_key_optional=False)
 
+VSOCK_SCHEMA = Schema([
+    Field("cid", "int", None, "the guest's context id, 3 to 4294967294", required=True),
+    Field("device", "path", None, "the vhost-vsock device (default: /dev/vhost-vsock; not "
+          "with uds-path)"),
+    Field("uds-path", "path", None, "a userspace vsock bridged to Unix sockets instead of "
+          "vhost-vsock: host programs connect to PATH and send `CONNECT <port>\\n`; guest "
+          "connections to CID 2 port P go to PATH_P"),
+])
+
 CPUS_SCHEMA = Schema([Field("num-cores", "int", 1, "number of vCPUs")])
 MEM_SCHEMA = Schema([Field("size", "int", 256, "guest memory in MiB")])
 KVM_SCHEMA = Schema([Field("device", "path", "/dev/kvm", "path to the KVM device")])
@@ -138,6 +147,16 @@ RUN_OPTIONS: list[Option] = [
     Option("net-vq-pairs", "value", "queue pairs for the legacy TAP options",
            key="legacy-net-vq-pairs", value_type="int", deprecated="--net vq-pairs=N",
            in_config=False, metavar="N"),
+    Option("vsock", "keyvalue", "a virtio-vsock device (once: a guest has one CID)",
+           schema=VSOCK_SCHEMA, metavar="cid=N[,device=PATH|uds-path=PATH]"),
+    Option("cid", "value", "guest vsock CID", key="legacy-cid", value_type="int",
+           deprecated="--vsock cid=N", in_config=False, metavar="N"),
+    Option("vhost-vsock-device", "value", "vhost-vsock device for --cid",
+           key="legacy-vhost-vsock-device", value_type="path",
+           deprecated="--vsock cid=N,device=PATH", in_config=False, metavar="PATH"),
+    Option("vhost-vsock-fd", "value", "open vhost-vsock fd for --cid",
+           key="legacy-vhost-vsock-fd", value_type="int",
+           deprecated="--vsock cid=N,device=/proc/self/fd/FD", in_config=False, metavar="FD"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",
