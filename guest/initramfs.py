@@ -1,7 +1,9 @@
 """Builds the test guest's initramfs (busybox-static, /init, /agent.sh) as an uncompressed cpio.
 
 Uncompressed because decompression runs emulated on the development hosts (~30 s for
-gzip). Written directly in the cpio "newc" format; no cpio tool needed.
+gzip). Written directly in the cpio "newc" format; no cpio tool needed. /bin/vsock (an
+AF_VSOCK netcat; busybox has none) is compiled from guest/vsock.c with the host's gcc,
+statically so it runs on the guest's bare busybox.
 
     python3 guest/initramfs.py OUT.cpio [--busybox /bin/busybox]
 """
@@ -13,9 +15,11 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BUSYBOX = "/bin/busybox"
+VSOCK_SOURCE = os.path.join(HERE, "vsock.c")
 
 FSTAB = b"""proc /proc proc defaults 0 0
 sysfs /sys sysfs defaults 0 0
@@ -63,6 +67,27 @@ def busybox_applets(busybox: str) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
+def vsock_gcc_command(out_path: str) -> list[str]:
+    return ["gcc", "-static", "-O2", "-Wall", "-o", out_path, VSOCK_SOURCE]
+
+
+def compile_vsock(out_path: str) -> str:
+    """Compile guest/vsock.c to `out_path` (static, for the guest); return the path."""
+    need = "install Debian's gcc and libc6-dev"
+    try:
+        result = subprocess.run(vsock_gcc_command(out_path), capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SystemExit(f"gcc not found (it builds the guest's /bin/vsock): {need}") from None
+    if result.returncode != 0:
+        # Without libc6-dev this is "stdio.h: No such file" or "cannot find -lc".
+        errors = [line for line in result.stderr.splitlines()
+                  if "error" in line or "cannot find -l" in line]
+        detail = (errors or result.stderr.splitlines() or ["no output"])[0]
+        raise SystemExit(f"compiling guest/vsock.c failed ({need}): {detail}")
+    sys.stderr.write(result.stderr)   # warnings, if any
+    return out_path
+
+
 def build(out_path: str, busybox: str = DEFAULT_BUSYBOX) -> str:
     """Write the initramfs to `out_path` (atomically) and return the path."""
     if not os.path.exists(busybox):
@@ -71,6 +96,9 @@ def build(out_path: str, busybox: str = DEFAULT_BUSYBOX) -> str:
         busybox_data = f.read()
     with open(os.path.join(HERE, "init"), "rb") as f:
         init = f.read()
+    with tempfile.TemporaryDirectory() as build_dir:   # compiling takes well under a second
+        with open(compile_vsock(os.path.join(build_dir, "vsock")), "rb") as f:
+            vsock = f.read()
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as out:
         w = CpioWriter(out)
@@ -81,13 +109,14 @@ def build(out_path: str, busybox: str = DEFAULT_BUSYBOX) -> str:
         w.chardev("dev/null", 1, 3, 0o666)
         w.file("bin/busybox", busybox_data, 0o755)
         for applet in busybox_applets(busybox):
-            if applet not in ("bin/busybox", "bin/lspci", "usr/bin/lspci"):
+            if applet not in ("bin/busybox", "bin/lspci", "usr/bin/lspci", "bin/vsock"):
                 w.symlink(applet, "/bin/busybox")
         w.file("init", init, 0o755)
         with open(os.path.join(HERE, "agent.sh"), "rb") as f:
             w.file("agent.sh", f.read())
         with open(os.path.join(HERE, "lspci"), "rb") as f:
             w.file("bin/lspci", f.read(), 0o755)
+        w.file("bin/vsock", vsock, 0o755)
         w.file("etc/fstab", FSTAB)
         w.file("etc/profile", PROFILE)
         w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
