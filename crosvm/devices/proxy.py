@@ -180,7 +180,8 @@ class DeviceProcess:
                                   | set(id_map.child_fds() if id_map is not None else ()))
                 set_name(name)
                 if jail is not None:
-                    jail.enter(seccomp_filter, id_map)
+                    binds = device.jail_binds() if hasattr(device, "jail_binds") else []
+                    jail.enter(seccomp_filter, id_map, binds)
                 host.queued = []
                 if start is not None:
                     start()

@@ -34,6 +34,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REMOUNT = 32
 # statvfs f_flag bit -> the mount flag that keeps it (MS_NOSUID, NODEV, NOEXEC, atime).
 _LOCKED_MOUNT_FLAGS = ((2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048), (4096, 1 << 21))
@@ -171,14 +172,16 @@ class Jail:
         return self._filters[policy]
 
     def enter(self, seccomp_filter: bytes | None = None,
-              id_map: "IdMapRequest | None" = None) -> None:
+              id_map: "IdMapRequest | None" = None, binds: list[str] | None = None) -> None:
         """Jail the calling process. Returns in the jailed grandchild only; the
         intermediate process waits for it and exits with its status.
 
         With `id_map` (a root VMM), the VMM maps the new user namespace from outside,
         root inside to JAIL_ID outside, as minijail does; the mounts are made before the
         process becomes that identity. Without it, the caller's own uid is mapped to
-        root inside (a VMM run by a user)."""
+        root inside (a VMM run by a user). `binds` are host directories the device
+        must reach (a vsock's socket directory): the root is then a fresh tmpfs holding
+        only those, bind-mounted at their own paths."""
         last_cap = _last_cap()  # /proc is gone after pivot_root
         if id_map is not None:
             os.setgroups([])  # setgroups is denied inside: drop root's groups now
@@ -195,7 +198,7 @@ class Jail:
                 self._become_mapped_root()
             self._reap(pid)  # never returns
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        self._pivot()
+        self._pivot(binds or [])
         if id_map is not None:
             self._become_mapped_root()
         for cap in range(last_cap + 1):
@@ -248,11 +251,23 @@ class Jail:
             os._exit(128 + os.WTERMSIG(status))
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
-    def _pivot(self) -> None:
+    def _pivot(self, binds: list[str]) -> None:
         root = self.pivot_root.encode()
         _check("mount(/, private)", _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
-        _check(f"bind mount {self.pivot_root}",
-               _libc.mount(root, root, None, MS_BIND | MS_REC, None))
+        if binds:
+            # The shared empty root cannot hold mount points: a private tmpfs over it
+            # (in this mount namespace only) can, and holds nothing else.
+            _check(f"mount tmpfs on {self.pivot_root}",
+                   _libc.mount(b"tmpfs", root, b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               b"size=64k,mode=0755"))
+            for path in binds:
+                target = os.path.join(self.pivot_root, os.path.abspath(path).lstrip("/"))
+                os.makedirs(target, exist_ok=True)
+                _check(f"bind mount {path}", _libc.mount(path.encode(), target.encode(), None,
+                                                         MS_BIND | MS_REC, None))
+        else:
+            _check(f"bind mount {self.pivot_root}",
+                   _libc.mount(root, root, None, MS_BIND | MS_REC, None))
         os.chdir(self.pivot_root)
         _check("pivot_root", _libc.syscall(SYS_PIVOT_ROOT, b".", b"."))
         _check("umount old root", _libc.umount2(b".", MNT_DETACH))

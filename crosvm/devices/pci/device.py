@@ -22,6 +22,10 @@ class PciDevice:
     def debug_label(self) -> str:
         return type(self).__name__
 
+    def jail_binds(self) -> list[str]:
+        """Host directories its jail must show (at the same paths); most need none."""
+        return []
+
     def bar_specs(self) -> list[PciBar]:
         """BARs to allocate (addresses are filled in by the allocator)."""
         return []

@@ -164,6 +164,10 @@ class VirtioDevice:
         """File descriptors the device needs besides guest memory and its events."""
         return []
 
+    def jail_binds(self) -> list[str]:
+        """Host directories its jail must show (at the same paths); most need none."""
+        return []
+
     def control(self, code: int, arg: int) -> tuple[bytes, bool]:
         """A run-time request from the VMM (crosvm.devices.control codes other than
         sleep/wake): (payload, whether config space changed). Raises
@@ -231,12 +235,13 @@ class QueueWorker:
         self._ended = False     # the worker's loop is over (set under _pause_cond)
         self._ep: select.epoll | None = None
         self._watched: set[int] = set()  # the `extra` fds currently in the epoll set
+        self._actions: dict[int, Callable[[], None]] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         ep = self._ep = select.epoll()
-        actions: dict[int, Callable[[], None]] = {}
+        actions = self._actions
         for index, event in self._queue_events:
             actions[event.fd] = (lambda i=index, e=event: (e.wait(), self._serve(i, e)))
         if self._interrupt.intx is not None:
@@ -263,7 +268,9 @@ class QueueWorker:
                         self._sleep_event.drain()
                         self._sleep_until_woken()
                         break  # poll again: the kill event may have come meanwhile
-                    self._safe(actions[fd])
+                    action = actions.get(fd)
+                    if action is not None:  # not one forgotten by an earlier callback
+                        self._safe(action)
         except QueueError as e:
             self._interrupt.signal_needs_reset(str(e))
         except WorkerStopping:
@@ -320,13 +327,17 @@ class QueueWorker:
         except Exception:  # a device bug must not take the VMM down; log and go on
             self._errors.error("%s: worker error:\n%s", self.name, traceback.format_exc())
 
-    def watch(self, fd: int, readable: bool, writable: bool = False) -> None:
+    def watch(self, fd: int, readable: bool, writable: bool = False,
+              callback: Callable[[], None] | None = None) -> None:
         """Choose what to wait for on one of the `extra` fds (its callback runs for
         either); only from the worker's own callbacks. A device with nowhere to put
         input stops polling its source (leaving it to the source's own bounded queue)
-        instead of spinning on it, and waits for room only while output is held."""
+        instead of spinning on it, and waits for room only while output is held.
+        `callback` adds an fd the worker did not start with (a new connection)."""
         if self._ep is None:
             return
+        if callback is not None:
+            self._actions[fd] = callback
         events = (select.EPOLLIN if readable else 0) | (select.EPOLLOUT if writable else 0)
         # Waiting for nothing means leaving the set: epoll reports a hang-up whatever
         # was asked for, and a closed peer would wake the worker forever.
@@ -339,6 +350,12 @@ class QueueWorker:
         else:
             self._ep.register(fd, events)
             self._watched.add(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop waiting on `fd` and drop its callback, before the caller closes it
+        (only from the worker's own callbacks)."""
+        self.watch(fd, False, False)
+        self._actions.pop(fd, None)
 
     def stop(self) -> None:
         """Stop the thread and take the queues back; `WorkerStuck` if it will not stop."""

@@ -95,6 +95,9 @@ class VirtioPciDevice(PciDevice):
     def seccomp_policy(self) -> str:  # type: ignore[override]
         return self.device.seccomp_policy
 
+    def jail_binds(self) -> list[str]:
+        return self.device.jail_binds()
+
     @staticmethod
     def num_msix_vectors(device: V.VirtioDevice) -> int:
         return len(device.queue_max_sizes()) + 1

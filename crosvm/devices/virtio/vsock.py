@@ -1,0 +1,563 @@
+"""virtio-vsock (type 19) in userspace, bridged to Unix sockets ("hybrid vsock").
+
+The protocol Firecracker and Cloud Hypervisor document, for hosts without
+/dev/vhost-vsock:
+
+  * host -> guest: a host program connects to `uds_path` and writes `CONNECT <port>\\n`;
+    the device asks the guest (REQUEST) and, once a guest program accepts, answers
+    `OK <host_port>\\n` and relays bytes; if nobody listens the guest resets and the
+    host socket is closed.
+  * guest -> host: a guest program connects to CID 2, port P; the device connects to
+    `<uds_path>_P` and relays, or resets the guest's socket if nobody listens there.
+
+The worker owns the three queues (rx, tx, event) and every connection. Flow control
+is the stream credit (vsock_proto.Credit): the device reads a host socket only as
+far as the guest has room, and gives each guest connection a fixed buffer, so what it
+holds is bounded per connection and in total. A guest that breaks the protocol gets
+RST for that connection; nothing it sends stops the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import socket
+import struct
+
+from crosvm.base import Event
+from crosvm.base.ratelimit import RateLimitedLog
+from crosvm.devices.virtio import virtio_device as V
+from crosvm.devices.virtio import vsock_proto as P
+from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.vm_memory import GuestMemory
+
+log = logging.getLogger(__name__)
+_guest_log = RateLimitedLog(log)
+
+TYPE_VSOCK = 19
+QUEUE_SIZE = 256
+RX, TX, EVENT = 0, 1, 2
+MAX_CONTROL = 1024      # control packets waiting for receive buffers; more are dropped
+MAX_ACCEPTING = 32      # host connections that have not sent their CONNECT line yet
+CONNECT_LINE_MAX = 32   # "CONNECT 4294967295\n" is 19 bytes
+FIRST_HOST_PORT = 1 << 30  # ports the device gives host-initiated connections
+
+
+class VsockError(Exception):
+    """The vsock device cannot be set up (its socket path, say)."""
+
+
+def listen_unix(path: str) -> socket.socket:
+    """Bind and listen on `path`; a stale socket file nobody listens on is replaced."""
+    if os.path.lexists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # left by a VM that died: nobody is there
+        except OSError as e:
+            raise VsockError(f"vsock: uds-path {path} exists and is not a socket "
+                             f"({e.strerror})") from None
+        else:
+            raise VsockError(f"vsock: uds-path {path} is in use by another program")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise VsockError(f"vsock: cannot listen on {path}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Vsock(V.VirtioDevice):
+    """The device: guest CID in config space, a listening socket, and a worker."""
+
+    device_type = TYPE_VSOCK
+    seccomp_policy = "vsock_device"
+
+    def __init__(self, cid: int, uds_path: str, listener: socket.socket | None = None,
+                 label: str = "vsock") -> None:
+        if not P.MIN_GUEST_CID <= cid <= P.MAX_GUEST_CID:
+            raise ValueError(f"guest CID {cid} is reserved")
+        self.cid = cid
+        self.uds_path = uds_path
+        self.listener = listener if listener is not None else listen_unix(uds_path)
+        self.label = label
+        self.acked_features = 0
+
+    def debug_label(self) -> str:
+        return self.label
+
+    def queue_max_sizes(self) -> list[int]:
+        return [QUEUE_SIZE] * 3
+
+    def features(self) -> int:
+        return V.BASE_FEATURES | 1 << P.F_STREAM
+
+    def config_bytes(self) -> bytes:
+        return struct.pack("<Q", self.cid)
+
+    def keep_fds(self) -> list[int]:
+        return [self.listener.fileno()]
+
+    def jail_binds(self) -> list[str]:
+        """Host directories the jailed device must see: where guest connections go."""
+        return [os.path.dirname(os.path.abspath(self.uds_path))]
+
+    def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
+                 queues: list[tuple[int, Queue, Event]]) -> None:
+        if len(queues) != 3:
+            raise ValueError(f"virtio-vsock needs 3 queues, got {len(queues)}")
+        worker = VsockWorker(self, mem, interrupt, {i: q for i, q, _ in queues},
+                             {i: e for i, _, e in queues})
+        self.worker = V.QueueWorker(
+            f"v_{self.label}", interrupt, [(i, e) for i, _, e in queues], worker.handle,
+            extra=[(self.listener.fileno(), worker.accept)], on_start=worker.started)
+        self.state = worker
+
+    def reset(self) -> bool:
+        ok = super().reset()
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.qw = None  # its epoll is gone with the thread
+            state.close_all()  # connections do not outlive the driver that made them
+            self.state = None
+        return ok
+
+    def close(self) -> None:
+        super().close()
+        self.listener.close()
+
+
+class Conn:
+    """One connection: its host socket, credit, and what waits for the host socket."""
+
+    def __init__(self, key: tuple[int, int], sock: socket.socket, open_: bool) -> None:
+        self.key = key  # (guest port, host port)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.open = open_  # False until the guest answers a host-initiated REQUEST
+        self.credit = P.Credit()
+        self.pending = bytearray()  # guest bytes the host socket has not taken yet
+        self.guest_shut = 0         # SHUTDOWN flags the guest sent
+        self.host_eof = False       # the host will send no more (guest told)
+        self.readable = False       # the host socket had data when last polled
+        self.watching = (False, False)
+        self.update_queued = False  # a CREDIT_UPDATE waits in the control queue
+
+
+class VsockWorker:
+    """Everything live: the queues, the connections, what waits for receive buffers."""
+
+    def __init__(self, dev: Vsock, mem: GuestMemory, interrupt: V.Interrupt,
+                 queues: dict[int, Queue], events: dict[int, Event]) -> None:
+        self.dev = dev
+        self.mem = mem
+        self.interrupt = interrupt
+        self.queues = queues
+        self.events = events
+        self.conns: dict[tuple[int, int], Conn] = {}
+        self.accepting: dict[int, socket.socket] = {}
+        self.control: collections.deque[P.Header] = collections.deque()
+        self.ready: dict[tuple[int, int], None] = {}  # connections with host data, in turn
+        self.spare: DescriptorChain | None = None     # a receive chain popped, not used
+        self.next_port = FIRST_HOST_PORT
+        self.qw: V.QueueWorker | None = None
+        self.dropped_control = 0
+
+    def started(self, queue_worker: V.QueueWorker) -> None:
+        self.qw = queue_worker
+
+    # -- queues ------------------------------------------------------------------
+    def handle(self, index: int) -> bool:
+        if index == TX:
+            more = V.process_queue(self.mem, self.queues[TX], self.interrupt, self.guest_packet)
+            self.flush_rx()
+            return more
+        if index == RX:
+            self.flush_rx()
+        return False  # event buffers wait for an event
+
+    def guest_packet(self, chain: DescriptorChain) -> int:
+        """One packet from the guest's transmit queue."""
+        reader = Reader(self.mem, chain)
+        if reader.available_bytes() < P.HDR_LEN:
+            _guest_log.warning("%s: dropping a %d-byte packet (shorter than a header)",
+                               self.dev.label, reader.available_bytes())
+            return 0
+        h = P.Header.unpack(reader.read(P.HDR_LEN))
+        try:
+            P.check_guest_header(h, self.dev.cid, reader.available_bytes())
+        except P.PacketError as e:
+            _guest_log.warning("%s: bad packet: %s", self.dev.label, e)
+            self._refuse(h)
+            return 0
+        key = (h.src_port, h.dst_port)
+        conn = self.conns.get(key)
+        if h.op == P.OP_REQUEST:
+            self._guest_connects(h, conn)
+        elif conn is None:
+            if h.op != P.OP_RST:
+                self._refuse(h)
+        elif h.op == P.OP_RST:
+            self._close(conn)
+        else:
+            conn.credit.update_peer(h)
+            try:
+                self._on_conn_packet(conn, h, reader)
+            except P.PacketError as e:
+                _guest_log.warning("%s: port %d: %s", self.dev.label, h.src_port, e)
+                self._reset(conn)
+        return 0
+
+    def _on_conn_packet(self, conn: Conn, h: P.Header, reader: Reader) -> None:
+        if h.op == P.OP_RESPONSE:
+            if conn.open:
+                raise P.PacketError("RESPONSE on an open connection")
+            conn.open = True
+            conn.pending += f"OK {conn.key[1]}\n".encode()
+            self._flush_host(conn)
+        elif not conn.open:
+            raise P.PacketError(f"{P.OP_NAMES[h.op]} before the guest accepted")
+        elif h.op == P.OP_RW:
+            if conn.guest_shut & P.SHUTDOWN_SEND:
+                raise P.PacketError("data after the guest's SHUTDOWN(SEND)")
+            conn.credit.received(h.len)
+            if h.len:
+                self._to_host(conn, reader, h.len)
+        elif h.op == P.OP_SHUTDOWN:
+            conn.guest_shut |= h.flags
+            if conn.guest_shut & P.SHUTDOWN_RCV:
+                self.ready.pop(conn.key, None)
+            self._flush_host(conn)
+        elif h.op == P.OP_CREDIT_REQUEST:
+            self._send(conn.key, P.OP_CREDIT_UPDATE)
+        # CREDIT_UPDATE: the credit is taken from every header (above).
+        if conn.key in self.conns:
+            self._update_watch(conn)
+
+    # -- guest -> host -------------------------------------------------------------
+    def _guest_connects(self, h: P.Header, old: Conn | None) -> None:
+        if old is not None:
+            _guest_log.warning("%s: REQUEST for port %d, which is in use", self.dev.label,
+                               h.src_port)
+            self._reset(old)
+            return
+        if len(self.conns) >= P.MAX_CONNECTIONS:
+            _guest_log.warning("%s: %d connections open; refusing another",
+                               self.dev.label, P.MAX_CONNECTIONS)
+            self._refuse(h)
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(f"{self.dev.uds_path}_{h.dst_port}")  # Unix: never in progress
+        except OSError as e:
+            log.debug("%s: guest connect to port %d: %s", self.dev.label, h.dst_port, e)
+            sock.close()
+            self._refuse(h)
+            return
+        conn = Conn((h.src_port, h.dst_port), sock, open_=True)
+        conn.credit.update_peer(h)
+        self.conns[conn.key] = conn
+        self._send(conn.key, P.OP_RESPONSE)
+        self._update_watch(conn)
+
+    def _to_host(self, conn: Conn, reader: Reader, n: int) -> None:
+        if conn.pending:  # behind what waits: keep order
+            conn.pending += reader.read(n)
+            return
+        try:
+            sent = os.writev(conn.fd, reader.views(n))
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            log.debug("%s: host socket for port %d: %s", self.dev.label, conn.key[0], e)
+            self._reset(conn)
+            return
+        reader.consume(sent)
+        conn.credit.forwarded(sent)
+        if sent < n:
+            conn.pending += reader.read(n - sent)
+        self._credit_check(conn)
+
+    def _flush_host(self, conn: Conn) -> None:
+        """Write what waits for the host socket; then act on a guest shutdown."""
+        if conn.pending:
+            try:
+                sent = os.write(conn.fd, conn.pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                log.debug("%s: host socket for port %d: %s", self.dev.label, conn.key[0], e)
+                self._reset(conn)
+                return
+            del conn.pending[:sent]
+            if conn.open:
+                conn.credit.forwarded(sent)
+            self._credit_check(conn)
+        if conn.pending:
+            return
+        if conn.guest_shut & P.SHUTDOWN_SEND:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if conn.guest_shut == P.SHUTDOWN_BOTH:
+            # The guest closed: the peer's RST ends it (virtio 5.10.6.6).
+            self._reset(conn)
+
+    def _credit_check(self, conn: Conn) -> None:
+        if conn.credit.wants_update() and not conn.update_queued:
+            conn.update_queued = True  # one is enough: it carries the count when sent
+            self._send(conn.key, P.OP_CREDIT_UPDATE)
+
+    # -- host -> guest -------------------------------------------------------------
+    def accept(self) -> None:
+        """The listening socket is readable: take the new host connections."""
+        for _ in range(MAX_ACCEPTING):
+            try:
+                sock, _ = self.dev.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the listener stays
+                _guest_log.warning("%s: accept failed: %s", self.dev.label, e)
+                return
+            if len(self.accepting) >= MAX_ACCEPTING:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            fd = sock.fileno()
+            self.accepting[fd] = sock
+            if self.qw is not None:
+                self.qw.watch(fd, True, callback=lambda fd=fd: self._connect_line(fd))
+
+    def _connect_line(self, fd: int) -> None:
+        sock = self.accepting.get(fd)
+        if sock is None:
+            return
+        try:
+            head = sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            head = b""
+        end = head.find(b"\n")
+        if end < 0 and head and len(head) < CONNECT_LINE_MAX:
+            return  # the rest of the line is still coming
+        self._forget(fd)
+        del self.accepting[fd]
+        try:
+            if end < 0:
+                raise P.PacketError("no CONNECT line" if not head else "CONNECT line too long")
+            port = P.parse_connect_line(sock.recv(end + 1))
+        except (P.PacketError, OSError) as e:
+            log.info("%s: host connection refused: %s", self.dev.label, e)
+            sock.close()
+            return
+        if len(self.conns) >= P.MAX_CONNECTIONS:
+            log.warning("%s: %d connections open; refusing a host connection",
+                        self.dev.label, P.MAX_CONNECTIONS)
+            sock.close()
+            return
+        conn = Conn((port, self._host_port()), sock, open_=False)
+        self.conns[conn.key] = conn
+        self._send(conn.key, P.OP_REQUEST)
+        self.flush_rx()
+
+    def _host_port(self) -> int:
+        while True:
+            port = self.next_port
+            self.next_port = port + 1 if port < 0xFFFF_FFFE else FIRST_HOST_PORT
+            if not any(key[1] == port for key in self.conns):
+                return port
+
+    def host_event(self, conn: Conn) -> None:
+        """The host socket is readable or writable (or hung up)."""
+        if conn.key not in self.conns:
+            return
+        if conn.pending or conn.watching[1]:
+            self._flush_host(conn)
+            if conn.key not in self.conns:
+                return
+        if conn.watching[0]:
+            conn.readable = True
+            self.ready[conn.key] = None
+        self._update_watch(conn)
+        self.flush_rx()
+
+    def _wants_read(self, conn: Conn) -> bool:
+        return (conn.open and not conn.host_eof and not conn.readable
+                and not conn.guest_shut & P.SHUTDOWN_RCV and conn.credit.peer_free() > 0)
+
+    def _update_watch(self, conn: Conn) -> None:
+        want = (self._wants_read(conn), bool(conn.pending))
+        if conn.readable and conn.credit.peer_free() > 0 and conn.open \
+                and not conn.guest_shut & P.SHUTDOWN_RCV:
+            self.ready.setdefault(conn.key, None)
+        if want != conn.watching and self.qw is not None:
+            self.qw.watch(conn.fd, *want, callback=lambda c=conn: self.host_event(c))
+            conn.watching = want
+
+    # -- the receive queue ---------------------------------------------------------
+    def flush_rx(self) -> None:
+        """Fill receive buffers: control packets first, then data, one packet per
+        connection in turn."""
+        queue = self.queues[RX]
+        budget = 2 * queue.size
+        try:
+            while budget and (self.control or self.ready):
+                chain = self._rx_chain(queue)
+                if chain is None:
+                    return
+                budget -= 1
+                if self.control:
+                    self._put_control(queue, chain, self.control.popleft())
+                else:
+                    self._put_data(queue, chain)
+            if budget == 0 and (self.control or self.ready):
+                self.events[RX].signal()  # come back after the other events
+        finally:
+            V.signal_used(self.mem, queue, self.interrupt)
+
+    def _rx_chain(self, queue: Queue) -> DescriptorChain | None:
+        chain, self.spare = self.spare, None
+        while chain is None:
+            chain = queue.pop(self.mem)
+            if chain is None:
+                queue.set_avail_event(self.mem)
+                chain = queue.pop(self.mem)  # one added while the event was armed
+                if chain is None:
+                    return None
+            if chain.writable_len() < P.HDR_LEN:
+                _guest_log.warning("%s: receive buffer of %d bytes is too small",
+                                   self.dev.label, chain.writable_len())
+                queue.add_used(self.mem, chain.index, 0)
+                chain = None
+        return chain
+
+    def _put_control(self, queue: Queue, chain: DescriptorChain, h: P.Header) -> None:
+        conn = self.conns.get((h.dst_port, h.src_port))
+        if conn is not None:
+            conn.credit.stamp(h)
+            if h.op == P.OP_CREDIT_UPDATE:
+                conn.update_queued = False
+        Writer(self.mem, chain).write(h.pack())
+        queue.add_used(self.mem, chain.index, P.HDR_LEN)
+
+    def _put_data(self, queue: Queue, chain: DescriptorChain) -> None:
+        key = next(iter(self.ready))
+        del self.ready[key]
+        conn = self.conns.get(key)
+        if conn is None or not conn.readable:
+            self.spare = chain
+            return
+        credit = conn.credit.peer_free()
+        if credit <= 0:  # the guest has no room: its CREDIT_UPDATE puts it back in turn
+            self.spare = chain
+            return
+        room = min(chain.writable_len() - P.HDR_LEN, credit, P.MAX_PAYLOAD)
+        if room <= 0:  # a buffer with room for a header only: useless for data
+            _guest_log.warning("%s: receive buffer with no room for data", self.dev.label)
+            queue.add_used(self.mem, chain.index, 0)
+            self.ready[key] = None
+            return
+        writer = Writer(self.mem, chain)
+        body = Writer(self.mem, regions=writer.split_end(writer.available_bytes() - P.HDR_LEN))
+        try:
+            n = os.readv(conn.fd, body.views(room))
+        except BlockingIOError:
+            conn.readable = False
+            self.spare = chain
+            self._update_watch(conn)
+            return
+        except OSError as e:
+            log.debug("%s: host socket for port %d: %s", self.dev.label, key[0], e)
+            n = -1
+        h = P.Header(P.HOST_CID, self.dev.cid, key[1], key[0], 0, P.TYPE_STREAM, P.OP_RW)
+        if n > 0:
+            h.len = n
+            conn.credit.sent(n)
+            self.ready[key] = None  # more may wait: its next turn comes after the others
+        elif n == 0:  # the host will send no more
+            h.op, h.flags = P.OP_SHUTDOWN, P.SHUTDOWN_SEND
+            conn.host_eof, conn.readable = True, False
+        else:
+            h.op = P.OP_RST
+        writer.write(conn.credit.stamp(h).pack())
+        queue.add_used(self.mem, chain.index, P.HDR_LEN + max(n, 0))
+        if h.op == P.OP_RST:
+            self._close(conn)
+        else:
+            self._update_watch(conn)
+
+    def _send(self, key: tuple[int, int], op: int, flags: int = 0) -> None:
+        """Queue a control packet for connection `key` (guest port, host port)."""
+        self._queue(P.Header(P.HOST_CID, self.dev.cid, key[1], key[0], 0, P.TYPE_STREAM, op,
+                             flags))
+
+    def _queue(self, h: P.Header) -> None:
+        if len(self.control) >= MAX_CONTROL:
+            self.dropped_control += 1
+            _guest_log.warning("%s: %d control packets wait for receive buffers; "
+                               "dropping one", self.dev.label, MAX_CONTROL)
+            return
+        self.control.append(h)
+
+    def _refuse(self, h: P.Header) -> None:
+        """RST in answer to a guest packet no connection takes (never to an RST)."""
+        if h.op != P.OP_RST:
+            self._queue(P.Header(P.HOST_CID, self.dev.cid, h.dst_port, h.src_port, 0,
+                                 P.TYPE_STREAM, P.OP_RST))
+
+    # -- ending connections --------------------------------------------------------
+    def _reset(self, conn: Conn) -> None:
+        """Tell the guest the connection is gone, and close the host socket."""
+        self._send(conn.key, P.OP_RST)
+        self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        self.conns.pop(conn.key, None)
+        self.ready.pop(conn.key, None)
+        self._forget(conn.fd)
+        conn.sock.close()
+
+    def _forget(self, fd: int) -> None:
+        if self.qw is not None:
+            self.qw.forget(fd)
+
+    def close_all(self) -> None:
+        """Close every host socket (the worker has stopped, or is about to be told)."""
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        for sock in self.accepting.values():
+            sock.close()
+        self.accepting.clear()
+
+    def transport_reset(self) -> bool:
+        """Drop every connection and tell the guest (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET),
+        as after a restore: its sockets are reset. False if it gave no event buffer."""
+        self.close_all()
+        self.control.clear()
+        self.ready.clear()
+        queue = self.queues[EVENT]
+        chain = queue.pop(self.mem)
+        if chain is None:
+            return False
+        writer = Writer(self.mem, chain)
+        if writer.available_bytes() < P.EVENT.size:
+            queue.add_used(self.mem, chain.index, 0)
+            V.signal_used(self.mem, queue, self.interrupt)
+            return False
+        writer.write(P.EVENT.pack(P.EVENT_TRANSPORT_RESET))
+        queue.add_used(self.mem, chain.index, P.EVENT.size)
+        V.signal_used(self.mem, queue, self.interrupt)
+        return True
+
