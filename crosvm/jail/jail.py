@@ -259,7 +259,12 @@ class Jail:
             # (in this mount namespace only) can, and holds nothing else.
             _check(f"mount tmpfs on {self.pivot_root}",
                    _libc.mount(b"tmpfs", root, b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               b"size=64k,mode=0755"))
+                               b"size=64k,mode=0755,uid=0,gid=0"))
+            # Files are made as root of the new namespace: the VMM's own uid may have no
+            # mapping in it (EOVERFLOW). It is the identity the device will have, so the
+            # bound directories must be reachable by it anyway.
+            _libc.setfsuid(0)
+            _libc.setfsgid(0)
             for path in binds:
                 target = os.path.join(self.pivot_root, os.path.abspath(path).lstrip("/"))
                 os.makedirs(target, exist_ok=True)

@@ -39,6 +39,7 @@ from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
 from crosvm.net.passt import Passt, PasstError
 from crosvm.net.tap import TapError, open_net_taps
+from crosvm.devices.virtio.vsock import Vsock, VsockError
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
 from crosvm.vm_control import ControlServer
@@ -158,6 +159,8 @@ class Vm:
             policies.append(Console.seccomp_policy)
         if cfg.nets:
             policies.append(Net.seccomp_policy)
+        if cfg.vsock is not None:
+            policies.append(Vsock.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
@@ -299,6 +302,8 @@ class Vm:
             tap, mac = open_net_taps(params)
             self.pci.add_virtio(Net(tap.fds, mac, mtu=net_mtu(tap.mtu()),
                                     mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
+        if cfg.vsock is not None:
+            self.pci.add_virtio(self._vsock(cfg.vsock))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -337,6 +342,20 @@ class Vm:
             raise
         device = Pmem(pmem_file, address)  # closed with the PCI devices
         log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
+        return device
+
+    def _vsock(self, params) -> Vsock:
+        """The userspace device for uds-path=; vhost-vsock is refused with the reason."""
+        if params.uds_path is None:
+            if not os.path.exists(params.device):
+                raise VsockError(f"vsock: vhost-vsock needs {params.device}, which does not "
+                                 "exist on this host (load the vhost_vsock module, or use "
+                                 "uds-path=PATH for pycrosvm's userspace vsock device)")
+            raise VsockError(f"vsock: vhost-vsock ({params.device}) is not supported yet; "
+                             "use uds-path=PATH for pycrosvm's userspace vsock device")
+        device = Vsock(params.cid, params.uds_path)
+        path = params.uds_path
+        self._closers.append(lambda: os.path.exists(path) and os.unlink(path))
         return device
 
     def _passt_net(self, params, label: str) -> Net:
@@ -444,7 +463,8 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, OSError) as e:
+    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, VsockError,
+            OSError) as e:
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))

@@ -523,3 +523,28 @@ def test_reset_closes_every_host_socket(rig):
     rig.dev.reset()
 
     assert conn.recv(10) == b""
+
+
+def test_ok_line_does_not_count_as_guest_bytes_forwarded(rig):
+    rig.post_rx()
+    host = rig.host_connect(52)
+    [(req, _)] = rig.recv()
+    rig.send(P.OP_RESPONSE, src_port=52, dst_port=req.src_port)
+    host.recv(64)
+
+    host.sendall(b"data!")
+    [(h, body)] = rig.recv()
+
+    assert (h.op, body, h.fwd_cnt) == (P.OP_RW, b"data!", 0)
+
+
+def test_host_initiated_connection_relays_guest_data_back(rig):
+    rig.post_rx()
+    host = rig.host_connect(52)
+    [(req, _)] = rig.recv()
+    rig.send(P.OP_RESPONSE, src_port=52, dst_port=req.src_port)
+
+    rig.send(P.OP_RW, src_port=52, dst_port=req.src_port, payload=b"echo")
+
+    expected = f"OK {req.src_port}\necho".encode()
+    assert recv_exact(host, len(expected)) == expected

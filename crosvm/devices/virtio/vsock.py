@@ -146,6 +146,7 @@ class Conn:
         self.open = open_  # False until the guest answers a host-initiated REQUEST
         self.credit = P.Credit()
         self.pending = bytearray()  # guest bytes the host socket has not taken yet
+        self.not_guest = 0          # leading bytes of `pending` that are the OK line
         self.guest_shut = 0         # SHUTDOWN flags the guest sent
         self.host_eof = False       # the host will send no more (guest told)
         self.readable = False       # the host socket had data when last polled
@@ -222,7 +223,9 @@ class VsockWorker:
             if conn.open:
                 raise P.PacketError("RESPONSE on an open connection")
             conn.open = True
-            conn.pending += f"OK {conn.key[1]}\n".encode()
+            ok = f"OK {conn.key[1]}\n".encode()
+            conn.pending[:0] = ok
+            conn.not_guest += len(ok)  # the device's words, not the guest's: no credit
             self._flush_host(conn)
         elif not conn.open:
             raise P.PacketError(f"{P.OP_NAMES[h.op]} before the guest accepted")
@@ -260,7 +263,14 @@ class VsockWorker:
         try:
             sock.connect(f"{self.dev.uds_path}_{h.dst_port}")  # Unix: never in progress
         except OSError as e:
-            log.debug("%s: guest connect to port %d: %s", self.dev.label, h.dst_port, e)
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):  # nobody listens: normal
+                log.debug("%s: guest connect to port %d: %s", self.dev.label, h.dst_port, e)
+            else:  # EACCES: a sandboxed device is an unprivileged uid outside its jail
+                _guest_log.warning(
+                    "%s: cannot connect to %s_%d for the guest: %s (a sandboxed device is "
+                    "an unprivileged user outside its jail: the directory must be "
+                    "searchable and the socket writable by others)", self.dev.label,
+                    self.dev.uds_path, h.dst_port, e.strerror)
             sock.close()
             self._refuse(h)
             return
@@ -300,8 +310,9 @@ class VsockWorker:
                 self._reset(conn)
                 return
             del conn.pending[:sent]
-            if conn.open:
-                conn.credit.forwarded(sent)
+            ours = min(sent, conn.not_guest)
+            conn.not_guest -= ours
+            conn.credit.forwarded(sent - ours)
             self._credit_check(conn)
         if conn.pending:
             return
