@@ -87,7 +87,12 @@ def check_chain(mem: GuestMemory, chain: DescriptorChain, queue_size: int) -> No
 
 
 class _Recorder:
-    """Stands in for QueueWorker during `activate_sync`: keeps the callbacks, no thread."""
+    """Stands in for QueueWorker during `activate_sync`: keeps the callbacks, no thread.
+
+    `extra` is the live {fd: callback} table: the fds the worker started with, plus
+    those `watch(..., callback=)` adds at run time (a new connection), less those
+    `forget` drops. `watched` is what each fd waits for (the start's fds wait for
+    input until told otherwise)."""
 
     def __init__(self, name, interrupt, queue_events, handle, extra=None,
                  on_start=None) -> None:
@@ -97,8 +102,15 @@ class _Recorder:
         if on_start is not None:
             on_start(self)
 
-    def watch(self, fd: int, readable: bool, writable: bool = False) -> None:
+    def watch(self, fd: int, readable: bool, writable: bool = False,
+              callback=None) -> None:
+        if callback is not None:
+            self.extra[fd] = callback
         self.watched[fd] = (readable, writable)
+
+    def forget(self, fd: int) -> None:
+        self.watched.pop(fd, None)
+        self.extra.pop(fd, None)
 
     def stop(self) -> None:
         pass
@@ -106,7 +118,8 @@ class _Recorder:
 
 def activate_sync(device, mem: GuestMemory, interrupt, queues):
     """Activate `device` without its worker thread; returns the worker's `handle(i)` and
-    its extra {fd: callback}, so a target drives the device in its own thread."""
+    its extra {fd: callback} (live: fds watched at run time come and go), so a target
+    drives the device in its own thread."""
     from crosvm.devices.virtio import virtio_device as V
     real = V.QueueWorker
     V.QueueWorker = _Recorder
