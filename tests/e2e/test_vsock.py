@@ -244,7 +244,9 @@ def device_rss_kib(vm: GuestVm) -> int:
 
 def test_host_that_stops_reading_blocks_the_guest_and_gets_every_byte(vm):
     listener = host_listener(vm.uds, 5007)
-    made = vm.run("head -c 8388608 /dev/urandom > /tmp/slow && sha256sum /tmp/slow")
+    # 4 MiB of a cheap pattern (random bytes are slow to make in this emulated guest):
+    # far more than the guest's socket, the device and the host socket hold.
+    made = vm.run("yes 0123456789abcdef | head -c 4194304 > /tmp/slow && sha256sum /tmp/slow")
     vm.run("(vsock 2 5007 < /tmp/slow; echo $? > /tmp/slow_rc) >/dev/null 2>&1 &")
     conn, _ = listener.accept()
     before = device_rss_kib(vm)
@@ -256,7 +258,7 @@ def test_host_that_stops_reading_blocks_the_guest_and_gets_every_byte(vm):
     conn.close()
 
     assert (blocked, hashlib.sha256(got).hexdigest()) == ("running", made.stdout.split()[0])
-    assert during - before < 16 * 1024, (before, during)  # KiB: bounded, not 8 MiB
+    assert during - before < 2 * 1024, (before, during)  # KiB: the credit, not 4 MiB
 
 
 def test_vhost_vsock_without_the_device_is_refused_naming_it(kernel, tmp_path):

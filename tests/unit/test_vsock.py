@@ -548,3 +548,27 @@ def test_host_initiated_connection_relays_guest_data_back(rig):
 
     expected = f"OK {req.src_port}\necho".encode()
     assert recv_exact(host, len(expected)) == expected
+
+
+def test_connect_line_sent_in_pieces_is_assembled(rig):
+    rig.post_rx()
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(5)
+    host.connect(rig.path)
+
+    host.sendall(b"CONN")
+    time.sleep(0.2)
+    host.sendall(b"ECT 77\n")
+    [(h, _)] = rig.recv()
+
+    assert (h.op, h.dst_port) == (P.OP_REQUEST, 77)
+    host.close()
+
+
+def test_refused_header_naming_an_open_connection_resets_it(rig):
+    conn = guest_connect(rig)
+
+    rig.send(P.OP_CREDIT_REQUEST, length=7)  # a length it may not carry
+    [(h, _)] = rig.recv()
+
+    assert (h.op, closed_by_device(conn), rig.dev.state.conns) == (P.OP_RST, True, {})

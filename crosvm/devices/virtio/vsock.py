@@ -166,6 +166,7 @@ class VsockWorker:
         self.events = events
         self.conns: dict[tuple[int, int], Conn] = {}
         self.accepting: dict[int, socket.socket] = {}
+        self.lines: dict[int, bytearray] = {}  # CONNECT lines being read, by fd
         self.control: collections.deque[P.Header] = collections.deque()
         self.ready: dict[tuple[int, int], None] = {}  # connections with host data, in turn
         self.spare: DescriptorChain | None = None     # a receive chain popped, not used
@@ -198,7 +199,11 @@ class VsockWorker:
             P.check_guest_header(h, self.dev.cid, reader.available_bytes())
         except P.PacketError as e:
             _guest_log.warning("%s: bad packet: %s", self.dev.label, e)
-            self._refuse(h)
+            named = self.conns.get((h.src_port, h.dst_port))
+            if named is not None:
+                self._reset(named)  # the connection it names goes, on both sides
+            else:
+                self._refuse(h)
             return 0
         key = (h.src_port, h.dst_port)
         conn = self.conns.get(key)
@@ -351,25 +356,32 @@ class VsockWorker:
                 self.qw.watch(fd, True, callback=lambda fd=fd: self._connect_line(fd))
 
     def _connect_line(self, fd: int) -> None:
+        """Read the CONNECT line a byte at a time: nothing after its newline is taken
+        (that is stream data), and what arrived is consumed, so a line sent in pieces
+        does not keep the socket readable while the rest is on its way."""
         sock = self.accepting.get(fd)
         if sock is None:
             return
-        try:
-            head = sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            head = b""
-        end = head.find(b"\n")
-        if end < 0 and head and len(head) < CONNECT_LINE_MAX:
-            return  # the rest of the line is still coming
+        line = self.lines.setdefault(fd, bytearray())
+        while not line.endswith(b"\n") and len(line) < CONNECT_LINE_MAX:
+            try:
+                byte = sock.recv(1)
+            except BlockingIOError:
+                return  # the rest of the line is still coming
+            except OSError:
+                byte = b""
+            if not byte:
+                break
+            line += byte
         self._forget(fd)
         del self.accepting[fd]
+        del self.lines[fd]
         try:
-            if end < 0:
-                raise P.PacketError("no CONNECT line" if not head else "CONNECT line too long")
-            port = P.parse_connect_line(sock.recv(end + 1))
-        except (P.PacketError, OSError) as e:
+            if not line.endswith(b"\n"):
+                raise P.PacketError("no CONNECT line" if len(line) < CONNECT_LINE_MAX
+                                    else "CONNECT line too long")
+            port = P.parse_connect_line(bytes(line))
+        except P.PacketError as e:
             log.info("%s: host connection refused: %s", self.dev.label, e)
             sock.close()
             return
@@ -548,9 +560,11 @@ class VsockWorker:
         """Close every host socket (the worker has stopped, or is about to be told)."""
         for conn in list(self.conns.values()):
             self._close(conn)
-        for sock in self.accepting.values():
+        for fd, sock in self.accepting.items():
+            self._forget(fd)
             sock.close()
         self.accepting.clear()
+        self.lines.clear()
 
     def transport_reset(self) -> bool:
         """Drop every connection and tell the guest (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET),
