@@ -49,7 +49,6 @@ class DescriptorChain:
 
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
@@ -186,19 +185,21 @@ class Queue:
         self._views: tuple[memoryview, memoryview, memoryview] | None = None
 
     def _rings(self, mem: GuestMemory) -> tuple[memoryview, memoryview, memoryview]:
-        """The descriptor table and both rings as views, mapped once per memory (the
-        layout is frozen at activation), so the per-chain work is struct unpacks."""
+        """The descriptor table and both rings, mapped once per memory (the layout is
+        frozen at activation), so the per-chain work is struct unpacks. The rings are
+        u16 views: an index the other side reads or writes concurrently must move as
+        one 16-bit access (struct packs a byte at a time, after zeroing the field)."""
         if self._bound is not mem:
             n, extra = self.size, (2 if self.event_idx else 0)
             self._views = (mem.slice(self.desc_table, DESC_SIZE * n),
-                           mem.slice(self.avail_ring, 4 + 2 * n + extra),
-                           mem.slice(self.used_ring, 4 + 8 * n + extra))
+                           mem.slice(self.avail_ring, 4 + 2 * n + extra).cast("H"),
+                           mem.slice(self.used_ring, 4 + 8 * n + extra).cast("H"))
             self._bound = mem
         return self._views
 
     # -- driver → device --------------------------------------------------------
     def avail_idx(self, mem: GuestMemory) -> int:
-        return _U16.unpack_from(self._rings(mem)[1], 2)[0]
+        return self._rings(mem)[1][1]
 
     def has_available(self, mem: GuestMemory) -> bool:
         return self.avail_idx(mem) != self.next_avail
@@ -213,12 +214,12 @@ class Queue:
         """
         desc, avail, _ = self._rings(mem)
         for _ in range(self.size):  # at most a ring's worth of bad chains per call
-            pending = (_U16.unpack_from(avail, 2)[0] - self.next_avail) & 0xFFFF
+            pending = (avail[1] - self.next_avail) & 0xFFFF
             if pending == 0:
                 return None
             if pending > self.size:
                 raise QueueError(f"available index jumped by {pending} (queue size {self.size})")
-            head = _U16.unpack_from(avail, 4 + 2 * (self.next_avail % self.size))[0]
+            head = avail[2 + self.next_avail % self.size]
             if head >= self.size:
                 raise QueueError(f"available ring entry {head} is outside the table ({self.size})")
             self.next_avail = (self.next_avail + 1) & 0xFFFF
@@ -232,22 +233,24 @@ class Queue:
     def set_avail_event(self, mem: GuestMemory) -> None:
         """With EVENT_IDX, ask for a kick when the driver makes the next buffer available."""
         if self.event_idx:
-            _U16.pack_into(self._rings(mem)[2], 4 + 8 * self.size, self.next_avail)
+            self._rings(mem)[2][2 + 4 * self.size] = self.next_avail
 
     # -- device → driver --------------------------------------------------------
     def add_used(self, mem: GuestMemory, head: int, length: int) -> None:
         used = self._rings(mem)[2]
-        _USED_ELEM.pack_into(used, 4 + 8 * (self.next_used % self.size), head, length)
+        slot = 2 + 4 * (self.next_used % self.size)  # in u16 units
+        used[slot:slot + 4] = memoryview(_USED_ELEM.pack(head, length)).cast("H")
         self.next_used = (self.next_used + 1) & 0xFFFF
         self.used_since_signal += 1
-        # The element is written before the index: on x86 stores are not reordered.
-        _U16.pack_into(used, 2, self.next_used)
+        # The element is written before the index (x86 does not reorder stores), and
+        # the index in one 16-bit store.
+        used[1] = self.next_used
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was used since the last one."""
         self.used_since_signal = 0
         if self.event_idx:
-            used_event = _U16.unpack_from(self._rings(mem)[1], 4 + 2 * self.size)[0]
+            used_event = self._rings(mem)[1][2 + self.size]
             old = self.signalled_used
             new = self.next_used
             self.signalled_used = new
@@ -255,5 +258,5 @@ class Queue:
                 return True
             # vring_need_event: did the new used index pass used_event?
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        flags = _U16.unpack_from(self._rings(mem)[1], 0)[0]
+        flags = self._rings(mem)[1][0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT

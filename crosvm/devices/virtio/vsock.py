@@ -76,6 +76,17 @@ def listen_unix(path: str) -> socket.socket:
     return sock
 
 
+def _clip(views: list[memoryview], count: int) -> list[memoryview]:
+    """The first `count` bytes of `views`."""
+    out = []
+    for v in views:
+        if count <= 0:
+            break
+        out.append(v[:count])
+        count -= len(out[-1])
+    return out
+
+
 class Vsock(V.VirtioDevice):
     """The device: guest CID in config space, a listening socket, and a worker."""
 
@@ -492,10 +503,18 @@ class VsockWorker:
             queue.add_used(self.mem, chain.index, 0)
             self.ready[key] = None
             return
-        writer = Writer(self.mem, chain)
-        body = Writer(self.mem, regions=writer.split_end(writer.available_bytes() - P.HDR_LEN))
+        addr, first = chain.writable[0]
+        if first >= P.HDR_LEN:  # the usual layout: the header at the start of a buffer
+            writer = None
+            views = [self.mem.slice(a, n) for a, n in chain.writable]
+            views[0] = views[0][P.HDR_LEN:]
+        else:
+            writer = Writer(self.mem, chain)
+            views = Writer(self.mem, regions=writer.split_end(
+                writer.available_bytes() - P.HDR_LEN)).views(room)
+        views = _clip(views, room)
         try:
-            n = os.readv(conn.fd, body.views(room))
+            n = os.readv(conn.fd, views)
         except BlockingIOError:
             conn.readable = False
             self.spare = chain
@@ -514,12 +533,16 @@ class VsockWorker:
             conn.host_eof, conn.readable = True, False
         else:
             h.op = P.OP_RST
-        writer.write(conn.credit.stamp(h).pack())
+        raw = conn.credit.stamp(h).pack()
+        if writer is None:
+            self.mem.write(addr, raw)
+        else:
+            writer.write(raw)
         queue.add_used(self.mem, chain.index, P.HDR_LEN + max(n, 0))
         if h.op == P.OP_RST:
             self._close(conn)
-        else:
-            self._update_watch(conn)
+        elif n <= 0 or conn.credit.peer_free() <= 0:
+            self._update_watch(conn)  # what it waits for changed
 
     def _send(self, key: tuple[int, int], op: int, flags: int = 0) -> None:
         """Queue a control packet for connection `key` (guest port, host port)."""

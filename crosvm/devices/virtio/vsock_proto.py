@@ -43,10 +43,11 @@ EVENT_TRANSPORT_RESET = 0
 EVENT = struct.Struct("<I")
 
 # What the device gives each connection: the guest may have this many bytes in flight
-# towards the host socket, and no more (its credit). With MAX_CONNECTIONS that bounds
-# what the device can ever hold for guests: 256 x 128 KiB = 32 MiB.
-BUF_ALLOC = 128 << 10
-MAX_CONNECTIONS = 256
+# towards the host socket, and no more (its credit; Linux's own default size, so a
+# sender is not held to two packets per round trip). With MAX_CONNECTIONS that bounds
+# what the device can ever hold for guests: 128 x 256 KiB = 32 MiB.
+BUF_ALLOC = 256 << 10
+MAX_CONNECTIONS = 128
 MAX_PAYLOAD = 64 << 10  # one RW packet, either way (Linux sends at most 64 KiB)
 
 
