@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 # Only what this VMM implements: crosvm's unix-stream type and its debugcon and
@@ -261,6 +262,20 @@ def validate_vsock(vsock: VsockOption | None) -> None:
     if not os.path.isdir(directory):
         what = "is not a directory" if os.path.exists(directory) else "does not exist"
         raise ConfigError(f"vsock: the directory of uds-path {path}, {directory}, {what}")
+    # Guest connections go to PATH_<port>: another VM's PATH_<n> must not be one of them.
+    base = os.path.basename(path)
+    stem, _, tail = base.rpartition("_")
+    if stem and tail.isdigit():
+        raise ConfigError(f"vsock: uds-path {path} ends in _<number>, which is what guest "
+                          "connections to the host use; pick a name without it")
+    # The sandboxed device can reach every socket in that directory: it must be the
+    # VM's own, not one shared with other programs (/tmp, /run/user/UID, /).
+    real = os.path.realpath(directory)
+    st = os.stat(real)
+    if real == "/" or st.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise ConfigError(f"vsock: uds-path {path} is in {real}, a directory shared with "
+                          "other programs (world-writable, sticky or /); the device can "
+                          "reach every socket there: use a directory of the VM's own")
 
 
 def validate_serial(ports: list[SerialParameters]) -> None:

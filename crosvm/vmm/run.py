@@ -88,6 +88,16 @@ def kernel_cmdline(cfg: Config) -> str:
     return " ".join(parts)
 
 
+def remove_socket(path: str, identity: tuple[int, int]) -> None:
+    """Remove the socket file we bound, not whatever took its place since."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def _input_starter(fd: int, sink, name: str):
     """Starts host input where the device runs (inside its process when sandboxed)."""
     return lambda: InputThread(fd, sink, name).start()
@@ -354,8 +364,7 @@ class Vm:
             raise VsockError(f"vsock: vhost-vsock ({params.device}) is not supported yet; "
                              "use uds-path=PATH for pycrosvm's userspace vsock device")
         device = Vsock(params.cid, params.uds_path)
-        path = params.uds_path
-        self._closers.append(lambda: os.path.exists(path) and os.unlink(path))
+        self._closers.append(lambda: remove_socket(device.uds_path, device.socket_id))
         return device
 
     def _passt_net(self, params, label: str) -> Net:

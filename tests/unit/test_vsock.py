@@ -463,11 +463,14 @@ def test_request_reusing_an_open_connections_ports_resets_it(rig):
 def test_connections_beyond_the_limit_are_refused(rig, monkeypatch):
     monkeypatch.setattr(P, "MAX_CONNECTIONS", 2)
     conns = [guest_connect(rig, 5000 + i, src=1000 + i) for i in range(2)]
-    rig.listen(5002)
+    listener = rig.listen(5002)
+    listener.setblocking(False)
 
     rig.send(P.OP_REQUEST, src_port=1002, dst_port=5002)
     [(h, _)] = rig.recv()
 
+    with pytest.raises(BlockingIOError):  # the device never connected to it
+        listener.accept()
     assert h.op == P.OP_RST
     for c in conns:
         c.close()
@@ -493,16 +496,34 @@ def test_transport_reset_posts_the_event_and_drops_connections(rig):
     assert (sent, rig.mem.read(addr, 4), conn.recv(10)) == (True, bytes(4), b"")
 
 
-def test_stale_socket_file_is_replaced_and_a_live_one_refused(tmp_path):
+def test_stale_socket_file_is_replaced(tmp_path):
     path = str(tmp_path / "s.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()
+
+    listener = VS.listen_unix(path)
+
+    assert listener.getsockname() == path
+    listener.close()
+
+
+def test_socket_path_in_use_is_refused(tmp_path):
+    path = str(tmp_path / "s.sock")
     first = VS.listen_unix(path)
 
     with pytest.raises(VS.VsockError, match="in use"):
         VS.listen_unix(path)
     first.close()
+
+
+def test_regular_file_at_the_socket_path_is_kept_and_refused(tmp_path):
+    path = tmp_path / "s.sock"
+    path.write_text("important")
+
+    with pytest.raises(VS.VsockError, match="not a socket"):
+        VS.listen_unix(str(path))
+    assert path.read_text() == "important"
 
 
 def test_many_connections_relay_at_once(rig):
@@ -572,3 +593,56 @@ def test_refused_header_naming_an_open_connection_resets_it(rig):
     [(h, _)] = rig.recv()
 
     assert (h.op, closed_by_device(conn), rig.dev.state.conns) == (P.OP_RST, True, {})
+
+
+def test_guest_reset_after_sending_still_delivers_its_bytes_to_the_host(rig):
+    conn = guest_connect(rig)
+    shrink_host_socket(rig)
+    rig.send(P.OP_RW, payload=bytes(range(256)) * 256)  # 64 KiB the host has not read
+    rig.send(P.OP_SHUTDOWN, flags=P.SHUTDOWN_BOTH)
+
+    rig.send(P.OP_RST)  # the guest gives up waiting for our RST
+    got = recv_exact(conn, 1 << 16)
+
+    assert (got, conn.recv(10)) == (bytes(range(256)) * 256, b"")
+
+
+def test_host_connections_without_a_connect_line_do_not_lock_others_out(rig, monkeypatch):
+    monkeypatch.setattr(VS, "MAX_ACCEPTING", 2)
+    rig.post_rx()
+    idle = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(rig.path)
+        idle.append(s)
+
+    host = rig.host_connect(60)
+    [(h, _)] = rig.recv()
+
+    assert (h.op, h.dst_port) == (P.OP_REQUEST, 60)
+    for s in idle + [host]:
+        s.close()
+
+
+def test_credit_update_dropped_for_a_full_control_queue_is_sent_later(rig, monkeypatch):
+    conn = guest_connect(rig, rx=1)  # used by the RESPONSE: none left after
+    monkeypatch.setattr(VS, "MAX_CONTROL", 1)
+    rig.send(P.OP_RW, src_port=4444, payload=b"x")  # an RST fills the control queue
+    rig.send(P.OP_CREDIT_REQUEST)  # its update is dropped
+    rig.tx_done(3)
+    rig.post_rx(4)
+    rig.recv(1)  # the RST
+
+    rig.send(P.OP_CREDIT_REQUEST)
+    [(h, _)] = rig.recv()
+
+    assert h.op == P.OP_CREDIT_UPDATE
+    conn.close()
+
+
+def test_relative_socket_path_is_resolved_for_guest_connections(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dev = VS.Vsock(CID, "rel.sock")
+
+    assert (dev.uds_path, dev.jail_binds()) == (str(tmp_path / "rel.sock"), [str(tmp_path)])
+    dev.close()

@@ -60,10 +60,22 @@ def test_vsock_with_uds_path_has_no_vhost_device():
     assert cfg.vsock == VsockOption(cid=5, device=None, uds_path="/tmp/v.sock")
 
 
-def test_vsock_with_uds_path_validates():
-    cfg = config_from(["--vsock", "cid=5,uds-path=/tmp/v.sock", "k"])
+def test_vsock_with_uds_path_in_a_directory_of_its_own_validates(tmp_path):
+    cfg = config_from(["--vsock", f"cid=5,uds-path={tmp_path}/v.sock", "k"])
 
     cfg.validate()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/tmp/v.sock", "shared with other programs"),      # sticky, world-writable
+    ("/v.sock", "shared with other programs"),          # the whole host
+    ("{tmp}/vm_12", "ends in _<number>"),               # another VM's guest port
+])
+def test_vsock_uds_path_the_device_could_misuse_is_refused(tmp_path, path, message):
+    cfg = config_from(["--vsock", f"cid=5,uds-path={path.format(tmp=tmp_path)}", "k"])
+
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
 
 
 def test_vsock_from_a_config_file(tmp_path):

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import struct
 
 from crosvm.base import Event
@@ -51,8 +52,11 @@ class VsockError(Exception):
 
 
 def listen_unix(path: str) -> socket.socket:
-    """Bind and listen on `path`; a stale socket file nobody listens on is replaced."""
+    """Bind and listen on `path`; a stale socket file nobody listens on is replaced
+    (anything that is not a socket is left alone and refused)."""
     if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise VsockError(f"vsock: uds-path {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -98,8 +102,13 @@ class Vsock(V.VirtioDevice):
         if not P.MIN_GUEST_CID <= cid <= P.MAX_GUEST_CID:
             raise ValueError(f"guest CID {cid} is reserved")
         self.cid = cid
-        self.uds_path = uds_path
-        self.listener = listener if listener is not None else listen_unix(uds_path)
+        # Resolved once: the jail binds this directory and guest connections go into
+        # it, inside the jail (where the cwd is /) as outside.
+        self.uds_path = os.path.join(os.path.realpath(os.path.dirname(uds_path) or "."),
+                                     os.path.basename(uds_path))
+        self.listener = listener if listener is not None else listen_unix(self.uds_path)
+        st = os.stat(self.uds_path)
+        self.socket_id = (st.st_dev, st.st_ino)  # to remove only our own at exit
         self.label = label
         self.acked_features = 0
 
@@ -120,7 +129,7 @@ class Vsock(V.VirtioDevice):
 
     def jail_binds(self) -> list[str]:
         """Host directories the jailed device must see: where guest connections go."""
-        return [os.path.dirname(os.path.abspath(self.uds_path))]
+        return [os.path.dirname(self.uds_path)]
 
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:
@@ -163,6 +172,7 @@ class Conn:
         self.readable = False       # the host socket had data when last polled
         self.watching = (False, False)
         self.update_queued = False  # a CREDIT_UPDATE waits in the control queue
+        self.draining = False       # reset by the guest; delivering what it sent
 
 
 class VsockWorker:
@@ -178,6 +188,7 @@ class VsockWorker:
         self.conns: dict[tuple[int, int], Conn] = {}
         self.accepting: dict[int, socket.socket] = {}
         self.lines: dict[int, bytearray] = {}  # CONNECT lines being read, by fd
+        self.draining: dict[int, Conn] = {}  # reset by the guest, flushing to the host
         self.control: collections.deque[P.Header] = collections.deque()
         self.ready: dict[tuple[int, int], None] = {}  # connections with host data, in turn
         self.spare: DescriptorChain | None = None     # a receive chain popped, not used
@@ -224,7 +235,7 @@ class VsockWorker:
             if h.op != P.OP_RST:
                 self._refuse(h)
         elif h.op == P.OP_RST:
-            self._close(conn)
+            self._drain_or_close(conn)
         else:
             conn.credit.update_peer(h)
             try:
@@ -257,7 +268,7 @@ class VsockWorker:
                 self.ready.pop(conn.key, None)
             self._flush_host(conn)
         elif h.op == P.OP_CREDIT_REQUEST:
-            self._send(conn.key, P.OP_CREDIT_UPDATE)
+            self._credit_update(conn)
         # CREDIT_UPDATE: the credit is taken from every header (above).
         if conn.key in self.conns:
             self._update_watch(conn)
@@ -269,17 +280,23 @@ class VsockWorker:
                                h.src_port)
             self._reset(old)
             return
-        if len(self.conns) >= P.MAX_CONNECTIONS:
+        if self._open_count() >= P.MAX_CONNECTIONS:
             _guest_log.warning("%s: %d connections open; refusing another",
                                self.dev.label, P.MAX_CONNECTIONS)
             self._refuse(h)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                             | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                                 | socket.SOCK_NONBLOCK)
+        except OSError as e:  # out of fds, say
+            _guest_log.warning("%s: no socket for a guest connection: %s", self.dev.label, e)
+            self._refuse(h)
+            return
         try:
             sock.connect(f"{self.dev.uds_path}_{h.dst_port}")  # Unix: never in progress
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):  # nobody listens: normal
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):  # nobody
+                # listens, or the listener's backlog is full: normal
                 log.debug("%s: guest connect to port %d: %s", self.dev.label, h.dst_port, e)
             else:  # EACCES: a sandboxed device is an unprivileged uid outside its jail
                 _guest_log.warning(
@@ -342,9 +359,13 @@ class VsockWorker:
             self._reset(conn)
 
     def _credit_check(self, conn: Conn) -> None:
-        if conn.credit.wants_update() and not conn.update_queued:
-            conn.update_queued = True  # one is enough: it carries the count when sent
-            self._send(conn.key, P.OP_CREDIT_UPDATE)
+        if conn.credit.wants_update():
+            self._credit_update(conn)
+
+    def _credit_update(self, conn: Conn) -> None:
+        """One CREDIT_UPDATE at a time per connection: it carries the count when sent."""
+        if not conn.update_queued:
+            conn.update_queued = self._send(conn.key, P.OP_CREDIT_UPDATE)
 
     # -- host -> guest -------------------------------------------------------------
     def accept(self) -> None:
@@ -358,8 +379,12 @@ class VsockWorker:
                 _guest_log.warning("%s: accept failed: %s", self.dev.label, e)
                 return
             if len(self.accepting) >= MAX_ACCEPTING:
-                sock.close()
-                continue
+                # The oldest connection still without its CONNECT line makes room: idle
+                # ones cannot lock host programs out.
+                oldest = next(iter(self.accepting))
+                self._forget(oldest)
+                self.accepting.pop(oldest).close()
+                self.lines.pop(oldest, None)
             sock.setblocking(False)
             fd = sock.fileno()
             self.accepting[fd] = sock
@@ -393,12 +418,12 @@ class VsockWorker:
                                     else "CONNECT line too long")
             port = P.parse_connect_line(bytes(line))
         except P.PacketError as e:
-            log.info("%s: host connection refused: %s", self.dev.label, e)
+            _guest_log.warning("%s: host connection refused: %s", self.dev.label, e)
             sock.close()
             return
-        if len(self.conns) >= P.MAX_CONNECTIONS:
-            log.warning("%s: %d connections open; refusing a host connection",
-                        self.dev.label, P.MAX_CONNECTIONS)
+        if self._open_count() >= P.MAX_CONNECTIONS:
+            _guest_log.warning("%s: %d connections open; refusing a host connection",
+                               self.dev.label, P.MAX_CONNECTIONS)
             sock.close()
             return
         conn = Conn((port, self._host_port()), sock, open_=False)
@@ -544,18 +569,21 @@ class VsockWorker:
         elif n <= 0 or conn.credit.peer_free() <= 0:
             self._update_watch(conn)  # what it waits for changed
 
-    def _send(self, key: tuple[int, int], op: int, flags: int = 0) -> None:
+    def _send(self, key: tuple[int, int], op: int, flags: int = 0) -> bool:
         """Queue a control packet for connection `key` (guest port, host port)."""
-        self._queue(P.Header(P.HOST_CID, self.dev.cid, key[1], key[0], 0, P.TYPE_STREAM, op,
-                             flags))
+        return self._queue(P.Header(P.HOST_CID, self.dev.cid, key[1], key[0], 0,
+                                    P.TYPE_STREAM, op, flags))
 
-    def _queue(self, h: P.Header) -> None:
-        if len(self.control) >= MAX_CONTROL:
+    def _queue(self, h: P.Header) -> bool:
+        """False when it was dropped: RSTs and credit updates are bounded; a REQUEST or
+        RESPONSE (at most one per connection) always goes."""
+        if len(self.control) >= MAX_CONTROL and h.op not in (P.OP_REQUEST, P.OP_RESPONSE):
             self.dropped_control += 1
             _guest_log.warning("%s: %d control packets wait for receive buffers; "
                                "dropping one", self.dev.label, MAX_CONTROL)
-            return
+            return False
         self.control.append(h)
+        return True
 
     def _refuse(self, h: P.Header) -> None:
         """RST in answer to a guest packet no connection takes (never to an RST)."""
@@ -568,6 +596,38 @@ class VsockWorker:
         """Tell the guest the connection is gone, and close the host socket."""
         self._send(conn.key, P.OP_RST)
         self._close(conn)
+
+    def _drain_or_close(self, conn: Conn) -> None:
+        """The guest reset the connection: what it sent before still goes to the host
+        (as a kernel's socket would hold it), then the host socket closes."""
+        if not conn.pending or not conn.open:
+            self._close(conn)
+            return
+        self.conns.pop(conn.key, None)  # the guest may reuse the ports at once
+        self.ready.pop(conn.key, None)
+        conn.guest_shut = P.SHUTDOWN_BOTH
+        conn.draining = True
+        self.draining[conn.fd] = conn
+        if self.qw is not None:
+            self.qw.watch(conn.fd, False, True, callback=lambda c=conn: self._drain(c))
+        conn.watching = (False, True)
+
+    def _drain(self, conn: Conn) -> None:
+        try:
+            sent = os.write(conn.fd, conn.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(conn.pending)  # the host is gone: nothing left to deliver
+        del conn.pending[:sent]
+        if not conn.pending:
+            self.draining.pop(conn.fd, None)
+            self._forget(conn.fd)
+            conn.sock.close()
+
+    def _open_count(self) -> int:
+        """Connections holding a host socket and buffer, draining ones included."""
+        return len(self.conns) + len(self.draining)
 
     def _close(self, conn: Conn) -> None:
         self.conns.pop(conn.key, None)
@@ -583,6 +643,10 @@ class VsockWorker:
         """Close every host socket (the worker has stopped, or is about to be told)."""
         for conn in list(self.conns.values()):
             self._close(conn)
+        for conn in list(self.draining.values()):
+            self._forget(conn.fd)
+            conn.sock.close()
+        self.draining.clear()
         for fd, sock in self.accepting.items():
             self._forget(fd)
             sock.close()
