@@ -229,7 +229,9 @@ def test_balloon_half_of_ram_takes_guest_memory_back_to_host_then_returns_it(vm)
     assert result.returncode == 0, result.stderr
     assert actual == half
     assert free_before - free_inflated > half * 3 // 4
-    assert rss_before - rss_inflated > fill // 2
+    # Not all of `fill`: which freed pages the balloon gets depends on the vCPU each
+    # side ran on (per-CPU free lists); a punch that did nothing would show ~0.
+    assert rss_before - rss_inflated > fill // 4
     assert free_after - free_inflated > half * 3 // 4
 
 
