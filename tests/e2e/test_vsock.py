@@ -257,7 +257,7 @@ def test_host_that_stops_reading_blocks_the_guest_and_gets_every_byte(vm):
            "echo $? > /tmp/slow_rc) </dev/null >/dev/null 2>&1 &")
     conn, _ = listener.accept()
     before = device_rss_kib(vm)
-    time.sleep(10)  # nobody reads: the guest must be blocked, not the device buffering
+    time.sleep(5)  # nobody reads: the guest must be blocked, not the device buffering
     # Blocked, not slow: still running, and no progress over another 5 s.
     sent = "grep pos /proc/$(cat /tmp/slow_pid)/fdinfo/0"  # how far it read its file
     first = vm.run(sent).stdout
