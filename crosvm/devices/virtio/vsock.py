@@ -317,13 +317,8 @@ class VsockWorker:
         if conn.pending:  # behind what waits: keep order
             conn.pending += reader.read(n)
             return
-        try:
-            sent = os.writev(conn.fd, reader.views(n))
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            log.debug("%s: host socket for port %d: %s", self.dev.label, conn.key[0], e)
-            self._reset(conn)
+        sent = self._write_host(conn, reader.views(n))
+        if sent is None:
             return
         reader.consume(sent)
         conn.credit.forwarded(sent)
@@ -331,16 +326,23 @@ class VsockWorker:
             conn.pending += reader.read(n - sent)
         self._credit_check(conn)
 
+    def _write_host(self, conn: Conn, buffers: list) -> int | None:
+        """Bytes the host socket took (0 when it is full), or None when it is gone
+        (and the connection has been reset)."""
+        try:
+            return os.writev(conn.fd, buffers)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            log.debug("%s: host socket for port %d: %s", self.dev.label, conn.key[0], e)
+            self._reset(conn)
+            return None
+
     def _flush_host(self, conn: Conn) -> None:
         """Write what waits for the host socket; then act on a guest shutdown."""
         if conn.pending:
-            try:
-                sent = os.write(conn.fd, conn.pending)
-            except BlockingIOError:
-                sent = 0
-            except OSError as e:
-                log.debug("%s: host socket for port %d: %s", self.dev.label, conn.key[0], e)
-                self._reset(conn)
+            sent = self._write_host(conn, [conn.pending])
+            if sent is None:
                 return
             del conn.pending[:sent]
             ours = min(sent, conn.not_guest)
