@@ -11,22 +11,20 @@ file from the namespace's loopback through it, and shows what was negotiated in 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from crosvm.devices.virtio import net_proto as P
 from crosvm.net.tap import Tap
 from tests.guest_vm import GuestVm
+from tests.support.netns import on_netns_thread
 
 pytestmark = pytest.mark.e2e
 
-CLONE_NEWNET = 0x40000000
 MAC0, MAC1 = "52:54:00:12:34:01", "52:54:00:12:34:02"
 TAP0_MTU = 9000  # not the default: the guest must be told the TAP's own
 HOST0, GUEST0 = "10.77.0.1", "10.77.0.2"
@@ -95,28 +93,8 @@ def in_ns(ns: str, *cmd: str, **kw) -> subprocess.CompletedProcess:
 
 
 def open_tap_in(ns: str, name: str) -> Tap:
-    """Open TAP `name` inside `ns` from a helper thread: setns moves only that thread."""
-    result: dict = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                result["error"] = OSError(ctypes.get_errno(), "setns")
-                return
-            result["tap"] = Tap.open(name)
-        except Exception as e:  # handed to the test thread
-            result["error"] = e
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    return result["tap"]
+    """Open TAP `name` inside `ns` (from a helper thread: setns moves only that thread)."""
+    return on_netns_thread(lambda: Tap.open(name), ns)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from crosvm.cli.config_file import build_config, merge
 from crosvm.cli.main import parse_run_args
 from crosvm.config import ConfigError, NetOption
 from crosvm.net.tap import TapError, open_net_taps
+from tests.support.netns import on_netns_thread
 
 
 def config_from(args):
@@ -136,29 +137,6 @@ def test_vhost_net_hands_the_queues_to_the_kernel():
     pytest.fail("vhost-net=true is not implemented: the device serves its queues itself")
 
 
-def in_new_netns(fn):
-    """Run `fn` on a thread that has its own network namespace (namespaces are per
-    thread), so TAPs it makes vanish with it."""
-    import ctypes
-    import threading
-    result = {}
-
-    def run():
-        try:
-            if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-            result["value"] = fn()
-        except BaseException as e:  # handed to the test thread
-            result["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 needs_root_and_tun = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
     reason="creating a TAP needs root and /dev/net/tun")
@@ -176,7 +154,7 @@ def test_host_ip_mac_is_set_on_the_host_tap_and_the_guest_gets_none():
         tap.close()
         return link.get_attr("IFLA_ADDRESS"), guest_mac
 
-    assert in_new_netns(make) == ("52:54:00:aa:bb:01", None)
+    assert on_netns_thread(make) == ("52:54:00:aa:bb:01", None)
 
 
 @needs_root_and_tun
@@ -190,4 +168,4 @@ def test_tap_mtu_is_read_from_the_interface():
         tap.close()
         return mtu
 
-    assert in_new_netns(make) == 9000
+    assert on_netns_thread(make) == 9000

@@ -7,17 +7,9 @@ import json
 
 import pytest
 
-from crosvm.cli.config_file import build_config, load_cfg, merge
 from crosvm.cli.main import UsageError, main, parse_run_args
 from crosvm.config import ConfigError, VsockOption
-
-
-def config_from(args):
-    values, cfgs = parse_run_args(args)
-    merged = {}
-    for c in cfgs:
-        merged = merge(merged, load_cfg(c))
-    return build_config(merge(merged, values))
+from tests.unit.test_cli_config import config_from
 
 
 @pytest.fixture
