@@ -172,7 +172,6 @@ class Conn:
         self.readable = False       # the host socket had data when last polled
         self.watching = (False, False)
         self.update_queued = False  # a CREDIT_UPDATE waits in the control queue
-        self.draining = False       # reset by the guest; delivering what it sent
 
 
 class VsockWorker:
@@ -608,7 +607,6 @@ class VsockWorker:
         self.conns.pop(conn.key, None)  # the guest may reuse the ports at once
         self.ready.pop(conn.key, None)
         conn.guest_shut = P.SHUTDOWN_BOTH
-        conn.draining = True
         self.draining[conn.fd] = conn
         if self.qw is not None:
             self.qw.watch(conn.fd, False, True, callback=lambda c=conn: self._drain(c))
