@@ -100,6 +100,21 @@ class _Regions:
             done += n
         return done
 
+    def split_start(self, count: int) -> list[tuple[int, int]]:
+        """Remove the first `count` unconsumed bytes from these regions and return them
+        as regions (a reply header written after its payload, say)."""
+        if count > self.available_bytes():
+            raise ShortBuffer(f"need {count} bytes at the start, have {self.available_bytes()}")
+        head: list[tuple[int, int]] = []
+        while count > 0:
+            addr, n = self.regions[self.index]
+            take = min(count, n - self.offset)
+            head.append((addr + self.offset, take))
+            self.consume(take)
+            count -= take
+        self.consumed -= sum(n for _, n in head)  # moved out, not consumed here
+        return head
+
     def split_end(self, count: int) -> list[tuple[int, int]]:
         """Remove the last `count` bytes from these regions and return them as regions."""
         if count > self.available_bytes():
@@ -185,6 +200,11 @@ class Writer(_Regions):
     def split_end_writer(self, count: int) -> "Writer":
         """A Writer for the last `count` bytes (a status byte, say), removed from this one."""
         return Writer(self.mem, regions=self.split_end(count))
+
+    def split_start_writer(self, count: int) -> "Writer":
+        """A Writer for the next `count` bytes (a header whose length field depends on
+        the payload written after it), removed from this one."""
+        return Writer(self.mem, regions=self.split_start(count))
 
     @property
     def bytes_written(self) -> int:

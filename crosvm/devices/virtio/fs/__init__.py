@@ -1,0 +1,2 @@
+"""Shared directories: the virtio-fs device (FUSE passthrough) and what it shares with
+virtio-9p (uid/gid maps, guest name checks)."""
