@@ -98,6 +98,131 @@ class VsockOption:
             self.device = VHOST_VSOCK_DEVICE
 
 
+FS_TAG_MAX = 36        # virtio-fs config space: tag[36]
+P9_TAG_MAX = 255       # a 9P mount tag is a u16-length string; kept short like fs
+SHARED_DIR_CACHE = ("never", "auto", "always")
+MAX_SHARED_DIRS = 16
+
+
+@dataclass
+class SharedDirOption:
+    """One `--shared-dir SRC:TAG[:key=value...]`: a host directory the guest mounts by
+    TAG, over virtio-9p (type=p9, the default) or virtio-fs (type=fs)."""
+
+    src: str
+    tag: str
+    type: str = "p9"
+    uidmap: str = ""        # "inner outer count[,...]"; default "0 EUID 1"
+    gidmap: str = ""        # default "0 EGID 1"
+    uid: int = 0            # the device's own identity inside its user namespace
+    gid: int = 0
+    cache: str = "auto"
+    timeout: float = 5.0
+    writeback: bool = False
+    dax: bool = False
+    posix_acl: bool = True
+    ascii_casefold: bool = False
+    negative_timeout: float | None = None
+    privileged_quota_uids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.uidmap = self.uidmap or f"0 {os.geteuid()} 1"
+        self.gidmap = self.gidmap or f"0 {os.getegid()} 1"
+
+
+def _shared_dir_bool(key: str, value: str | None) -> bool:
+    if value is None:  # a bare `key` (ascii_casefold) means true, as crosvm
+        return True
+    if value not in ("true", "false"):
+        raise ConfigError(f"shared-dir: {key}={value}: expected true or false")
+    return value == "true"
+
+
+def _shared_dir_number(key: str, value: str | None, kind: type = int) -> int | float:
+    try:
+        number = kind(value or "")
+    except ValueError:
+        raise ConfigError(f"shared-dir: {key}={value}: expected a number") from None
+    if number < 0 or number >= 1 << 32:
+        raise ConfigError(f"shared-dir: {key}={value}: out of range")
+    return number
+
+
+def parse_shared_dir(text: str) -> SharedDirOption:
+    """crosvm's `--shared-dir` syntax: fields separated by `:`; the first two are the
+    source directory and the tag."""
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"shared-dir: {text!r}: expected SRC:TAG[:key=value...]")
+    opt = SharedDirOption(src=parts[0], tag=parts[1])
+    seen: set[str] = set()
+    for item in parts[2:]:
+        key, eq, value = item.partition("=")
+        value = value if eq else None
+        if key in seen:
+            raise ConfigError(f"shared-dir: {key} is given more than once")
+        seen.add(key)
+        if key in ("type", "cache", "uidmap", "gidmap") and value is None:
+            raise ConfigError(f"shared-dir: {key} needs a value ({key}=...)")
+        if key == "type":
+            if value not in ("p9", "fs"):
+                raise ConfigError(f"shared-dir: type={value}: expected p9 or fs")
+            opt.type = value
+        elif key == "cache":
+            if value not in SHARED_DIR_CACHE:
+                raise ConfigError(f"shared-dir: cache={value}: expected one of "
+                                  f"{', '.join(SHARED_DIR_CACHE)}")
+            opt.cache = value
+        elif key in ("uidmap", "gidmap"):
+            from crosvm.devices.virtio.fs.idmap import IdMap, IdMapError
+            try:
+                IdMap.parse(value)
+            except IdMapError as e:
+                raise ConfigError(f"shared-dir: {key}={value}: {e}") from None
+            setattr(opt, key, value)
+        elif key in ("uid", "gid"):
+            setattr(opt, key, _shared_dir_number(key, value))
+        elif key in ("timeout", "negative_timeout"):
+            setattr(opt, key, float(_shared_dir_number(key, value, float)))
+        elif key in ("writeback", "dax", "posix_acl", "ascii_casefold"):
+            setattr(opt, key, _shared_dir_bool(key, value))
+        elif key == "privileged_quota_uids":
+            opt.privileged_quota_uids = [int(_shared_dir_number(key, u))
+                                         for u in (value or "").split()]
+        else:
+            raise ConfigError(f"shared-dir: unknown option {key!r} (expected type, uidmap, "
+                              "gidmap, uid, gid, cache, timeout, writeback, dax, posix_acl, "
+                              "privileged_quota_uids, ascii_casefold, negative_timeout)")
+    if opt.ascii_casefold and opt.negative_timeout is not None:
+        raise ConfigError("shared-dir: ascii_casefold and negative_timeout cannot be used "
+                          "together (a negative lookup would hide a name of another case)")
+    return opt
+
+
+def validate_shared_dirs(dirs: list[SharedDirOption]) -> None:
+    """What the parser cannot know: the source exists, tags fit and are unique."""
+    from crosvm.devices.virtio.fs.idmap import IdMap
+    if len(dirs) > MAX_SHARED_DIRS:
+        raise ConfigError(f"shared-dir: at most {MAX_SHARED_DIRS} are supported")
+    tags: set[str] = set()
+    for d in dirs:
+        if not os.path.isdir(d.src):
+            what = "is not a directory" if os.path.exists(d.src) else "does not exist"
+            raise ConfigError(f"shared-dir: {d.src} {what}")
+        limit = FS_TAG_MAX if d.type == "fs" else P9_TAG_MAX
+        if len(d.tag.encode()) > limit:
+            raise ConfigError(f"shared-dir: tag {d.tag!r} is longer than {limit} bytes")
+        if d.tag in tags:
+            raise ConfigError(f"shared-dir: tag {d.tag!r} is used twice")
+        tags.add(d.tag)
+        if d.dax:
+            raise ConfigError("shared-dir: dax=true is not supported by this VMM")
+        if IdMap.parse(d.uidmap).to_host(d.uid) is None:
+            raise ConfigError(f"shared-dir: uid={d.uid} is not mapped by uidmap={d.uidmap}")
+        if IdMap.parse(d.gidmap).to_host(d.gid) is None:
+            raise ConfigError(f"shared-dir: gid={d.gid} is not mapped by gidmap={d.gidmap}")
+
+
 def default_serial() -> SerialParameters:
     """crosvm's default: COM1 is a stdout console that reads stdin."""
     return SerialParameters(type="stdout", num=1, console=True, stdin=True)
@@ -128,6 +253,7 @@ class Config:
     pmems: list[PmemOption] = field(default_factory=list)
     nets: list[NetOption] = field(default_factory=list)
     vsock: VsockOption | None = None
+    shared_dirs: list[SharedDirOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -155,6 +281,7 @@ class Config:
             raise ConfigError("only one block or pmem device can be the root device")
         validate_nets(self.nets)
         validate_vsock(self.vsock)
+        validate_shared_dirs(self.shared_dirs)
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]

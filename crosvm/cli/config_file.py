@@ -15,7 +15,7 @@ from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
 from crosvm.config import (Config, ConfigError, DiskOption, NetOption, PmemOption,
-                           SerialParameters, VsockOption)
+                           SerialParameters, VsockOption, parse_shared_dir)
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -202,6 +202,7 @@ def _build_config(values: dict[str, Any]) -> Config:
         if cfg.vsock is not None:
             raise ConfigError("--cid and --vsock cannot be given together; use --vsock only")
         cfg.vsock = legacy_vsock
+    cfg.shared_dirs = [parse_shared_dir(text) for text in values.get("shared-dir", [])]
     return cfg
 
 

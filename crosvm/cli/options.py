@@ -157,6 +157,13 @@ RUN_OPTIONS: list[Option] = [
     Option("vhost-vsock-fd", "value", "open vhost-vsock fd for --cid",
            key="legacy-vhost-vsock-fd", value_type="int",
            deprecated="--vsock cid=N,device=/proc/self/fd/FD", in_config=False, metavar="FD"),
+    Option("shared-dir", "value", "share a host directory with the guest (may repeat); "
+           "fields separated by ':': type=p9|fs (default p9), uidmap=\"INNER OUTER COUNT\" "
+           "(default \"0 EUID 1\"), gidmap=, uid=, gid= (the device's identity), "
+           "cache=never|auto|always, timeout=S, writeback=BOOL, posix_acl=BOOL, "
+           "ascii_casefold, negative_timeout=S. Guest: mount -t virtiofs TAG DIR, or "
+           "mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR", multi=True,
+           metavar="SRC:TAG[:type=p9|fs][:key=value...]"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",

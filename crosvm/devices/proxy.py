@@ -26,7 +26,7 @@ from typing import Callable
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.device import PciDevice
 from crosvm.jail import Jail, JailError, set_name
-from crosvm.jail.jail import PR_SET_PDEATHSIG, IdMapRequest, prctl
+from crosvm.jail.jail import PR_SET_PDEATHSIG, IdMapRequest, JailConfig, prctl
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ class DeviceProcess:
                 raise JailError(f"{name}: the device has no seccomp policy")
             seccomp_filter = jail.filter_for(policy)  # compiled here, before the fork
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        id_map = IdMapRequest() if jail is not None and os.geteuid() == 0 else None
+        jail_config = device.jail_config() if hasattr(device, "jail_config") else JailConfig()
+        id_map = (IdMapRequest(jail_config.uid_map, jail_config.gid_map)
+                  if jail is not None and os.geteuid() == 0 else None)
         pid = os.fork()
         if pid == 0:  # the device process
             status = 1
@@ -180,8 +182,7 @@ class DeviceProcess:
                                   | set(id_map.child_fds() if id_map is not None else ()))
                 set_name(name)
                 if jail is not None:
-                    binds = device.jail_binds() if hasattr(device, "jail_binds") else []
-                    jail.enter(seccomp_filter, id_map, binds)
+                    jail.enter(seccomp_filter, id_map, config=jail_config)
                 host.queued = []
                 if start is not None:
                     start()

@@ -21,6 +21,7 @@ import signal
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from crosvm.jail.policy import PolicyError, load_policy
 from crosvm.jail.seccomp import ACT_KILL_PROCESS, ACT_LOG, SeccompError, compile_filter, load_filter
@@ -44,6 +45,7 @@ MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
 PR_SET_NAME = 15
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -63,6 +65,33 @@ DEFAULT_SECCOMP_POLICY_DIR = str(Path(__file__).resolve().parent.parent / "secco
 
 class JailError(Exception):
     """The jail could not be built; the message names the step."""
+
+
+# Capabilities a file server keeps inside its user namespace (they act only on files
+# whose owners are mapped there): chown, dac_override, dac_read_search, fowner, fsetid.
+FILE_SERVER_CAPS = 0b11111
+
+
+@dataclass
+class JailConfig:
+    """What one device needs from its jail beyond the defaults.
+
+    `binds`: host directories shown at their own paths in a tmpfs root (a vsock's
+    socket directory). `root`: a host directory that becomes the root itself, writable
+    (a shared directory). `uid_map`/`gid_map`: the user namespace's maps in
+    /proc/PID/uid_map form, and `uid`/`gid` the identity inside it (default: root
+    mapped to JAIL_ID, or to the VMM's own user). `caps`: capability bits kept.
+    `prepare`: runs in the jailed process before the pivot, while host paths are
+    still visible (opening /proc/self/fd, say)."""
+
+    binds: list[str] = field(default_factory=list)
+    root: str | None = None
+    uid_map: str | None = None
+    gid_map: str | None = None
+    uid: int = 0
+    gid: int = 0
+    caps: int = 0
+    prepare: "Callable[[], None] | None" = None
 
 
 def _check(what: str, result: int) -> int:
@@ -105,7 +134,9 @@ class IdMapRequest:
     than one's own into uid_map takes CAP_SETUID in the parent namespace, which the
     device loses when it unshares. Two pipes: the device asks, the VMM answers."""
 
-    def __init__(self) -> None:
+    def __init__(self, uid_map: str | None = None, gid_map: str | None = None) -> None:
+        self.uid_map = uid_map or f"0 {JAIL_ID} 1\n"
+        self.gid_map = gid_map or f"0 {JAIL_ID} 1\n"
         self._ask_r, self._ask_w = os.pipe2(os.O_CLOEXEC)
         self._done_r, self._done_w = os.pipe2(os.O_CLOEXEC)
 
@@ -130,11 +161,11 @@ class IdMapRequest:
                 return  # the device died before it asked; its end is reported elsewhere
             try:
                 with open(f"/proc/{pid}/uid_map", "w") as f:
-                    f.write(f"0 {JAIL_ID} 1\n")
+                    f.write(self.uid_map)
                 with open(f"/proc/{pid}/setgroups", "w") as f:
                     f.write("deny")
                 with open(f"/proc/{pid}/gid_map", "w") as f:
-                    f.write(f"0 {JAIL_ID} 1\n")
+                    f.write(self.gid_map)
                 answer = b"k"
             except OSError:
                 answer = b"!"
@@ -172,7 +203,8 @@ class Jail:
         return self._filters[policy]
 
     def enter(self, seccomp_filter: bytes | None = None,
-              id_map: "IdMapRequest | None" = None, binds: list[str] | None = None) -> None:
+              id_map: "IdMapRequest | None" = None, binds: list[str] | None = None,
+              config: JailConfig | None = None) -> None:
         """Jail the calling process. Returns in the jailed grandchild only; the
         intermediate process waits for it and exits with its status.
 
@@ -181,7 +213,9 @@ class Jail:
         process becomes that identity. Without it, the caller's own uid is mapped to
         root inside (a VMM run by a user). `binds` are host directories the device
         must reach (a vsock's socket directory): the root is then a fresh tmpfs holding
-        only those, bind-mounted at their own paths."""
+        only those, bind-mounted at their own paths. `config` says the rest (a shared
+        directory as the root, id maps, identity, kept capabilities)."""
+        config = config or JailConfig(binds=list(binds or []))
         last_cap = _last_cap()  # /proc is gone after pivot_root
         if id_map is not None:
             os.setgroups([])  # setgroups is denied inside: drop root's groups now
@@ -191,21 +225,29 @@ class Jail:
         if id_map is not None:
             id_map.request()
         else:
-            self._map_ids(uid, gid)
+            self._map_ids(config.uid_map or f"0 {uid} 1\n", config.gid_map or f"0 {gid} 1\n")
         pid = os.fork()
         if pid != 0:
             if id_map is not None:
-                self._become_mapped_root()
+                self._become(config.uid, config.gid, 0)
             self._reap(pid)  # never returns
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        self._pivot(binds or [])
-        if id_map is not None:
-            self._become_mapped_root()
+        if config.prepare is not None:
+            config.prepare()
+        if config.root is not None:
+            self._pivot_into(config.root)
+        else:
+            self._pivot(config.binds)
+        # As the namespace's root until now (a user VMM's own uid is root inside).
+        self._become(config.uid, config.gid, config.caps)
         for cap in range(last_cap + 1):
-            prctl(PR_CAPBSET_DROP, cap)
+            if not config.caps >> cap & 1:
+                prctl(PR_CAPBSET_DROP, cap)
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
         header = struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0)
-        data = bytes(24)  # effective, permitted, inheritable = 0 (two 32-bit halves)
+        low, high = config.caps & 0xFFFF_FFFF, config.caps >> 32
+        # effective, permitted, inheritable for caps 0-31, then for 32-63
+        data = struct.pack("<6I", low, low, 0, high, high, 0)
         _check("capset", _libc.syscall(SYS_CAPSET, header, data))
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
         resource.setrlimit(resource.RLIMIT_DATA, (self.max_data_bytes, self.max_data_bytes))
@@ -219,20 +261,34 @@ class Jail:
                 raise JailError(str(e)) from None
 
     @staticmethod
-    def _become_mapped_root() -> None:
-        """Root inside the namespace, which is JAIL_ID outside: no longer the host's root."""
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
+    def _become(uid: int, gid: int, caps: int) -> None:
+        """`uid`/`gid` inside the namespace (root by default, which is JAIL_ID outside
+        for a root VMM: no longer the host's root). Keeps the permitted capabilities
+        across a change to a non-zero uid when `caps` asks for some."""
+        try:
+            os.setresgid(gid, gid, gid)
+            if caps and uid != 0:
+                prctl(PR_SET_KEEPCAPS, 1)
+            os.setresuid(uid, uid, uid)
+        except OSError as e:
+            raise JailError(f"cannot become uid {uid}, gid {gid} in the device's user "
+                            f"namespace (is it in uidmap/gidmap?): {e.strerror}") from None
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a credential change clears it
 
     @staticmethod
-    def _map_ids(uid: int, gid: int) -> None:
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1\n")
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1\n")
+    def _map_ids(uid_map: str, gid_map: str) -> None:
+        """A VMM run by a user maps its own ids (one line each: all it may write)."""
+        try:
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(uid_map)
+            with open("/proc/self/setgroups", "w") as f:
+                f.write("deny")
+            with open("/proc/self/gid_map", "w") as f:
+                f.write(gid_map)
+        except PermissionError:
+            raise JailError(f"cannot map uids {uid_map.strip()!r} / gids {gid_map.strip()!r}"
+                            " in the device's user namespace: a VMM not run as root may "
+                            "map only its own uid and gid") from None
 
     @staticmethod
     def _reap(pid: int) -> None:
@@ -250,6 +306,23 @@ class Jail:
         if os.WIFSIGNALED(status):
             os._exit(128 + os.WTERMSIG(status))
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+    def _pivot_into(self, directory: str) -> None:
+        """Make `directory` (a shared directory) the root, writable, as minijail's
+        chroot-style jail for crosvm's file servers: nothing else of the host stays
+        reachable by path, so even a symlink planted on the host points inside it."""
+        path = directory.encode()
+        _check("mount(/, private)", _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))
+        _check(f"bind mount {directory}", _libc.mount(path, path, None, MS_BIND | MS_REC, None))
+        os.chdir(directory)
+        _check("pivot_root", _libc.syscall(SYS_PIVOT_ROOT, b".", b"."))
+        _check("umount old root", _libc.umount2(b".", MNT_DETACH))
+        os.chdir("/")
+        # No device nodes or setuid programs through this mount, whatever is on the host.
+        inherited = os.statvfs("/").f_flag
+        flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | sum(
+            ms for st, ms in _LOCKED_MOUNT_FLAGS if inherited & st)
+        _check("remount / nosuid,nodev", _libc.mount(None, b"/", None, flags, None))
 
     def _pivot(self, binds: list[str]) -> None:
         root = self.pivot_root.encode()

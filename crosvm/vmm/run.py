@@ -314,6 +314,8 @@ class Vm:
                                     mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
         if cfg.vsock is not None:
             self.pci.add_virtio(self._vsock(cfg.vsock))
+        for share in cfg.shared_dirs:
+            self.pci.add_virtio(_shared_dir_device(share))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -487,3 +489,13 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     else:
         log.info("exiting with %s (%d)", code.name, code)
     return code
+
+
+def _shared_dir_device(share):
+    """The virtio-fs or virtio-9p device for one --shared-dir (imported only when a VM
+    has one: the file servers are the largest device modules)."""
+    if share.type == "fs":
+        from crosvm.devices.virtio.fs.device import Fs
+        return Fs(share)
+    from crosvm.devices.virtio.p9 import P9
+    return P9(share)

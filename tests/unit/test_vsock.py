@@ -644,5 +644,5 @@ def test_relative_socket_path_is_resolved_for_guest_connections(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     dev = VS.Vsock(CID, "rel.sock")
 
-    assert (dev.uds_path, dev.jail_binds()) == (str(tmp_path / "rel.sock"), [str(tmp_path)])
+    assert (dev.uds_path, dev.jail_config().binds) == (str(tmp_path / "rel.sock"), [str(tmp_path)])
     dev.close()

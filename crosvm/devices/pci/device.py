@@ -5,6 +5,7 @@ from __future__ import annotations
 from crosvm.base import IrqLevelEvent
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.config import PciBar, PciConfiguration
+from crosvm.jail.jail import JailConfig
 
 
 class PciDevice:
@@ -22,9 +23,9 @@ class PciDevice:
     def debug_label(self) -> str:
         return type(self).__name__
 
-    def jail_binds(self) -> list[str]:
-        """Host directories its jail must show (at the same paths); most need none."""
-        return []
+    def jail_config(self) -> JailConfig:
+        """What its jail must give it beyond the defaults; most devices need nothing."""
+        return JailConfig()
 
     def bar_specs(self) -> list[PciBar]:
         """BARs to allocate (addresses are filled in by the allocator)."""

@@ -20,6 +20,7 @@ from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.pci.msix import NO_VECTOR, MsixConfig
 from crosvm.devices.virtio.descriptor_utils import WorkerStopping, set_stop_check
 from crosvm.devices.virtio.queue import DescriptorChain, Queue, QueueError
+from crosvm.jail.jail import JailConfig
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ class VirtioDevice:
         """File descriptors the device needs besides guest memory and its events."""
         return []
 
-    def jail_binds(self) -> list[str]:
-        """Host directories its jail must show (at the same paths); most need none."""
-        return []
+    def jail_config(self) -> JailConfig:
+        """What its jail must give it beyond the defaults (host directories, a root,
+        id maps); most devices need nothing."""
+        return JailConfig()
 
     def control(self, code: int, arg: int) -> tuple[bytes, bool]:
         """A run-time request from the VMM (crosvm.devices.control codes other than

@@ -20,6 +20,7 @@ from crosvm.devices.pci.msix import NO_VECTOR, MsixConfig, RouteFn
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.base.ratelimit import RateLimitedLog
 from crosvm.devices.virtio.queue import QueueConfig
+from crosvm.jail.jail import JailConfig
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class VirtioPciDevice(PciDevice):
     def seccomp_policy(self) -> str:  # type: ignore[override]
         return self.device.seccomp_policy
 
-    def jail_binds(self) -> list[str]:
-        return self.device.jail_binds()
+    def jail_config(self) -> JailConfig:
+        return self.device.jail_config()
 
     @staticmethod
     def num_msix_vectors(device: V.VirtioDevice) -> int:

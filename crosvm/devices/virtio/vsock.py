@@ -33,6 +33,7 @@ from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio import vsock_proto as P
 from crosvm.devices.virtio.descriptor_utils import Reader, Writer
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.jail.jail import JailConfig
 from crosvm.vm_memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,9 @@ class Vsock(V.VirtioDevice):
     def keep_fds(self) -> list[int]:
         return [self.listener.fileno()]
 
-    def jail_binds(self) -> list[str]:
-        """Host directories the jailed device must see: where guest connections go."""
-        return [os.path.dirname(self.uds_path)]
+    def jail_config(self) -> JailConfig:
+        """The jailed device must see where guest connections go."""
+        return JailConfig(binds=[os.path.dirname(self.uds_path)])
 
     def activate(self, mem: GuestMemory, interrupt: V.Interrupt,
                  queues: list[tuple[int, Queue, Event]]) -> None:

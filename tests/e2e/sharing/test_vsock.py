@@ -1,5 +1,6 @@
-"""End-to-end vsock through the userspace device (`--vsock cid=3,uds-path=...`), one VM
-per sandbox mode, the guest using the project's /bin/vsock (guest/vsock.c).
+"""End-to-end vsock through the userspace device (`--vsock cid=3,uds-path=...`), on the
+package's VM (one per sandbox mode, conftest.py), the guest using the project's
+/bin/vsock (guest/vsock.c).
 
 Host programs speak the hybrid-vsock protocol: connect to the uds-path and write
 `CONNECT <port>\\n` (answer `OK <host port>\\n`), or listen on `<uds-path>_<port>` for
@@ -11,21 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import pytest
 
+from tests.e2e.sharing.layout import CID
 from tests.guest_vm import GuestVm
 
 pytestmark = pytest.mark.e2e
-
-CID = 3
 MIB = 1 << 20
 CONNECT_TIMEOUT = 60.0  # the guest listener may take a while to start
 
@@ -93,25 +91,6 @@ def taking(listener: socket.socket, count: int = 1) -> tuple[threading.Thread, l
 def background(vm: GuestVm, command: str) -> None:
     """Start `command` in the guest's background, run again until it succeeds."""
     vm.run(f"(until {command}; do sleep 0.5; done) </dev/null >/dev/null 2>&1 &")
-
-
-@pytest.fixture(scope="module", params=["sandboxed", "disable-sandbox"])
-def vm(request, kernel, initramfs):
-    # Not under pytest's 0700 tmp: the sandboxed device, another user outside its jail,
-    # must reach the directory to connect to the host's listeners in it.
-    workdir = tempfile.mkdtemp(prefix="pcvm-vsock-")
-    os.chmod(workdir, 0o755)
-    uds = os.path.join(workdir, "v.sock")
-    extra = ("--vsock", f"cid={CID},uds-path={uds}")
-    if request.param == "disable-sandbox":
-        extra += ("--disable-sandbox",)
-    try:
-        with GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra) as g:
-            g.wait_ready()
-            g.uds = uds
-            yield g
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_guest_finds_one_vsock_device(vm):

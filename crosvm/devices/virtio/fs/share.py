@@ -1,0 +1,99 @@
+"""What virtio-fs and virtio-9p have in common: the shared directory, its jail and its
+id maps. The file server itself is made at activation, inside the device's process.
+
+In the sandbox the jail's root is the shared directory itself (bind-mounted, nosuid,
+nodev), the user namespace has the share's uidmap/gidmap and the process is `uid`/`gid`
+inside it with the capabilities a file server needs there, as crosvm runs its fs and
+p9 devices. /proc/self/fd is opened before the pivot: it is how an inode's O_PATH fd
+is reopened for I/O. Without the sandbox the servers translate ids themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from crosvm.base import Event
+from crosvm.config import SharedDirOption
+from crosvm.devices.virtio import virtio_device as V
+from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.fs.idmap import IdMap
+from crosvm.devices.virtio.fs.reopen import open_proc_self_fd
+from crosvm.devices.virtio.queue import DescriptorChain, Queue
+from crosvm.jail.jail import FILE_SERVER_CAPS, JailConfig
+from crosvm.vm_memory import GuestMemory
+
+QUEUE_SIZE = 256
+
+
+class SharedDirDevice(V.VirtioDevice):
+    """Base of the two shared-directory devices: `make_server()` builds the protocol
+    server for the share (root fd, proc fd, maps) when the driver activates it."""
+
+    def __init__(self, option: SharedDirOption) -> None:
+        self.option = option
+        self.tag = option.tag
+        self.src = os.path.realpath(option.src)
+        self.uid_map = IdMap.parse(option.uidmap)
+        self.gid_map = IdMap.parse(option.gidmap)
+        self._jailed = False
+        self._proc_fd = -1
+        self._root_fd = -1
+        self.server = None
+        self.acked_features = 0
+
+    def debug_label(self) -> str:
+        return f"{type(self).__name__.lower()}:{self.tag}"
+
+    def jail_config(self) -> JailConfig:
+        return JailConfig(root=self.src, uid_map=self.uid_map.proc_text(),
+                          gid_map=self.gid_map.proc_text(), uid=self.option.uid,
+                          gid=self.option.gid, caps=FILE_SERVER_CAPS,
+                          prepare=self._prepare_jail)
+
+    def _prepare_jail(self) -> None:
+        """In the jailed process, before the pivot hides /proc."""
+        self._jailed = True
+        self._proc_fd = open_proc_self_fd()
+
+    def share_fds(self) -> tuple[int, int, IdMap, IdMap]:
+        """(root fd, /proc/self/fd fd, uid map, gid map) for a server in this process.
+        In the jail the root is `/` and the kernel has already translated the ids."""
+        if self._root_fd < 0:
+            root = "/" if self._jailed else self.src
+            self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self._proc_fd < 0:
+            self._proc_fd = open_proc_self_fd()
+        if self._jailed:
+            return self._root_fd, self._proc_fd, self.uid_map.inner_only(), self.gid_map.inner_only()
+        return self._root_fd, self._proc_fd, self.uid_map, self.gid_map
+
+    def make_server(self) -> object:
+        raise NotImplementedError
+
+    def serve_queues(self, mem: GuestMemory, interrupt: V.Interrupt,
+                     queues: list[tuple[int, Queue, Event]]) -> None:
+        """Every queue's chains go to the one server, one request at a time."""
+        self.server = server = self.make_server()
+
+        def handler(queue: Queue) -> Callable[[DescriptorChain], int]:
+            return lambda chain: server.handle(Reader(mem, chain), Writer(mem, chain))
+
+        handlers = {i: (q, handler(q)) for i, (_, q, _) in enumerate(queues)}
+        self.worker = V.QueueWorker(
+            self.debug_label(), interrupt, [(i, e) for i, (_, _, e) in enumerate(queues)],
+            lambda i: V.process_queue(mem, handlers[i][0], interrupt, handlers[i][1]))
+
+    def reset(self) -> bool:
+        stopped = super().reset()
+        if self.server is not None:
+            self.server.close()  # a new driver starts from INIT/version: no old inodes or fids
+            self.server = None
+        return stopped
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self._root_fd, self._proc_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._root_fd = self._proc_fd = -1

@@ -1,0 +1,41 @@
+"""The host side of the sharing VM: what is shared, under which tags, with which ids."""
+
+from __future__ import annotations
+
+import os
+
+CID = 3
+MIB = 1 << 20
+P9_TAG, FS_TAG, UGID_TAG = "p9share", "fsshare", "ugidshare"
+# Where the guest mounts each share (conftest.py mounts them at boot).
+MOUNTS = {"p9": "/mnt/p9", "fs": "/mnt/fs"}
+# crosvm's file_ugid: a share whose files belong to HOST_UID:HOST_GID, seen in the
+# guest as GUEST_UID:GUEST_GID (uidmap/gidmap), served by the device as those ids.
+HOST_UID, HOST_GID = 1234, 1235
+GUEST_UID, GUEST_GID = 5000, 6000
+UGID_MOUNT = "/mnt/ugid"
+MANY_FILES = 1000
+OUTSIDE_SECRET = b"outside the share: never reachable from the guest\n"
+
+
+def make_share(path: str, payload: bytes) -> None:
+    """A shared directory: a payload file, 1000 small files, a directory to remove, and
+    symlinks planted on the host that point out of it."""
+    os.mkdir(path, 0o755)
+    with open(os.path.join(path, "payload.bin"), "wb") as f:
+        f.write(payload)
+    os.mkdir(os.path.join(path, "many"))
+    for i in range(MANY_FILES):
+        with open(os.path.join(path, "many", f"f{i:04d}"), "w") as f:
+            f.write(str(i))
+    os.mkdir(os.path.join(path, "to_remove"))
+    os.symlink("/etc/passwd", os.path.join(path, "evil_abs"))
+    os.symlink("../outside.txt", os.path.join(path, "evil_rel"))
+
+
+def make_ugid_share(path: str) -> None:
+    os.mkdir(path, 0o755)
+    with open(os.path.join(path, "owned.txt"), "w") as f:
+        f.write("owned\n")
+    for p in (path, os.path.join(path, "owned.txt")):
+        os.chown(p, HOST_UID, HOST_GID)
