@@ -30,8 +30,11 @@ class IdRange:
 class IdMap:
     """Translates ids between the guest (inner) and the host files (outer)."""
 
-    def __init__(self, ranges: list[IdRange]) -> None:
+    def __init__(self, ranges: list[IdRange], fallback: int | None = None) -> None:
         self.ranges = list(ranges)
+        # The owner of what a guest with an unmapped id creates: the device's own
+        # identity (in the sandbox the process already is it, so None there).
+        self.fallback = fallback
 
     @classmethod
     def parse(cls, text: str) -> "IdMap":
@@ -72,6 +75,17 @@ class IdMap:
             if r.inner <= inner < r.inner + r.count:
                 return r.outer + inner - r.inner
         return None
+
+    def owner_for(self, inner: int) -> int | None:
+        """The host owner of a node guest id `inner` creates: its mapping, else the
+        device's identity (`fallback`); None means leave the process's own."""
+        host = self.to_host(inner)
+        return self.fallback if host is None else host
+
+    def with_fallback(self, inner: int) -> "IdMap":
+        """This map, with new nodes of unmapped guest ids owned by what `inner` (the
+        device's uid= or gid=) maps to."""
+        return IdMap(self.ranges, self.to_host(inner))
 
     def to_guest(self, outer: int) -> int:
         """The guest id for host id `outer` (OVERFLOW_ID when it has no mapping)."""

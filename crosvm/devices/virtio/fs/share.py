@@ -66,7 +66,10 @@ class SharedDirDevice(V.VirtioDevice):
             self._proc_fd = open_proc_self_fd()
         if self._jailed:
             return self._root_fd, self._proc_fd, self.uid_map.inner_only(), self.gid_map.inner_only()
-        return self._root_fd, self._proc_fd, self.uid_map, self.gid_map
+        # No namespace: the servers translate, and give what an unmapped guest id makes
+        # to uid=/gid= (the identity the sandboxed device would create it as).
+        return (self._root_fd, self._proc_fd, self.uid_map.with_fallback(self.option.uid),
+                self.gid_map.with_fallback(self.option.gid))
 
     def make_server(self) -> object:
         raise NotImplementedError
