@@ -229,6 +229,7 @@ class Decoder:
         self.pos = 0
 
     def remaining(self) -> int:
+        """Bytes not read yet."""
         return len(self.data) - self.pos
 
     def _take(self, count: int) -> memoryview:
@@ -240,6 +241,7 @@ class Decoder:
         return out
 
     def scalar(self, code: str) -> int:
+        """One little-endian unsigned field: b u8, h u16, i u32, q u64."""
         s = _SCALARS[code]
         return s.unpack(self._take(s.size))[0]
 
@@ -260,9 +262,11 @@ class Decoder:
         return bytes(self._take(self.u16()))
 
     def qid(self) -> Qid:
+        """A 13-byte qid."""
         return unpack_qid(bytes(self._take(QID_LEN)))
 
     def fields(self, fmt: str) -> tuple:
+        """Fields in `fmt`'s letters (b h i q s), in order."""
         return tuple(self.string() if c == "s" else self.scalar(c) for c in fmt)
 
     def finish(self) -> None:
@@ -352,26 +356,32 @@ def _r(msg_type: int, tag: int, fmt: str = "", *values) -> bytes:
 
 
 def rlerror(tag: int, ecode: int) -> bytes:
+    """Rlerror: ecode[4], a Linux errno."""
     return _r(RLERROR, tag, "i", ecode)
 
 
 def rversion(tag: int, msize: int, version: str) -> bytes:
+    """Rversion: msize[4] version[s]."""
     return _r(RVERSION, tag, "is", msize, version)
 
 
 def rauth(tag: int, aqid: Qid) -> bytes:
+    """Rauth: aqid[13]."""
     return _r(RAUTH, tag, "Q", aqid)
 
 
 def rattach(tag: int, qid: Qid) -> bytes:
+    """Rattach: qid[13] of the root."""
     return _r(RATTACH, tag, "Q", qid)
 
 
 def rflush(tag: int) -> bytes:
+    """Rflush: no body."""
     return _r(RFLUSH, tag)
 
 
 def rwalk(tag: int, qids: list[Qid]) -> bytes:
+    """Rwalk: nwqid[2] and a qid per name walked."""
     return message(RWALK, tag, _SCALARS["h"].pack(len(qids)) + b"".join(map(pack_qid, qids)))
 
 
@@ -381,48 +391,60 @@ def rread_header(tag: int, count: int) -> bytes:
 
 
 def rread(tag: int, data: bytes) -> bytes:
+    """Rread: count[4] data[count]."""
     return rread_header(tag, len(data)) + data
 
 
 def rwrite(tag: int, count: int) -> bytes:
+    """Rwrite: count[4] written."""
     return _r(RWRITE, tag, "i", count)
 
 
 def rclunk(tag: int) -> bytes:
+    """Rclunk: no body."""
     return _r(RCLUNK, tag)
 
 
 def rremove(tag: int) -> bytes:
+    """Rremove: no body."""
     return _r(RREMOVE, tag)
 
 
 def rstatfs(tag: int, fs_type: int, bsize: int, blocks: int, bfree: int, bavail: int,
             files: int, ffree: int, fsid: int, namelen: int) -> bytes:
+    """Rstatfs: type[4] bsize[4] blocks[8] bfree[8] bavail[8] files[8] ffree[8] fsid[8]
+    namelen[4]."""
     return _r(RSTATFS, tag, "iiqqqqqqi", fs_type, bsize, blocks, bfree, bavail, files, ffree,
               fsid, namelen)
 
 
 def rlopen(tag: int, qid: Qid, iounit: int) -> bytes:
+    """Rlopen: qid[13] iounit[4]."""
     return _r(RLOPEN, tag, "Qi", qid, iounit)
 
 
 def rlcreate(tag: int, qid: Qid, iounit: int) -> bytes:
+    """Rlcreate: qid[13] iounit[4]."""
     return _r(RLCREATE, tag, "Qi", qid, iounit)
 
 
 def rsymlink(tag: int, qid: Qid) -> bytes:
+    """Rsymlink: qid[13]."""
     return _r(RSYMLINK, tag, "Q", qid)
 
 
 def rmknod(tag: int, qid: Qid) -> bytes:
+    """Rmknod: qid[13]."""
     return _r(RMKNOD, tag, "Q", qid)
 
 
 def rrename(tag: int) -> bytes:
+    """Rrename: no body."""
     return _r(RRENAME, tag)
 
 
 def rreadlink(tag: int, target: bytes) -> bytes:
+    """Rreadlink: target[s]."""
     return _r(RREADLINK, tag, "s", target)
 
 
@@ -446,20 +468,24 @@ class Attr(NamedTuple):
 
 
 def rgetattr(tag: int, valid: int, qid: Qid, a: Attr) -> bytes:
+    """Rgetattr: valid[8] qid[13] and `a`'s fields (u32 mode, uid, gid; u64 the rest)."""
     return _r(RGETATTR, tag, "qQiiiqqqqq" + "qq" * 4 + "qq", valid, qid, a.mode, a.uid, a.gid,
               a.nlink, a.rdev, a.size, a.blksize, a.blocks, *a.atime, *a.mtime, *a.ctime,
               *a.btime, a.gen, a.data_version)
 
 
 def rsetattr(tag: int) -> bytes:
+    """Rsetattr: no body."""
     return _r(RSETATTR, tag)
 
 
 def rxattrwalk(tag: int, size: int) -> bytes:
+    """Rxattrwalk: size[8] of the value (or the name list)."""
     return _r(RXATTRWALK, tag, "q", size)
 
 
 def rxattrcreate(tag: int) -> bytes:
+    """Rxattrcreate: no body."""
     return _r(RXATTRCREATE, tag)
 
 
@@ -469,6 +495,7 @@ def dirent(qid: Qid, offset: int, d_type: int, name: bytes) -> bytes:
 
 
 def dirent_len(name: bytes) -> int:
+    """The wire size of a `dirent` named `name`."""
     return QID_LEN + 8 + 1 + 2 + len(name)
 
 
@@ -478,31 +505,38 @@ def rreaddir(tag: int, data: bytes) -> bytes:
 
 
 def rfsync(tag: int) -> bytes:
+    """Rfsync: no body."""
     return _r(RFSYNC, tag)
 
 
 def rlock(tag: int, status: int) -> bytes:
+    """Rlock: status[1]."""
     return _r(RLOCK, tag, "b", status)
 
 
 def rgetlock(tag: int, lock_type: int, start: int, length: int, proc_id: int,
              client_id: bytes) -> bytes:
+    """Rgetlock: type[1] start[8] length[8] proc_id[4] client_id[s]."""
     return _r(RGETLOCK, tag, "bqqis", lock_type, start, length, proc_id, client_id)
 
 
 def rlink(tag: int) -> bytes:
+    """Rlink: no body."""
     return _r(RLINK, tag)
 
 
 def rmkdir(tag: int, qid: Qid) -> bytes:
+    """Rmkdir: qid[13]."""
     return _r(RMKDIR, tag, "Q", qid)
 
 
 def rrenameat(tag: int) -> bytes:
+    """Rrenameat: no body."""
     return _r(RRENAMEAT, tag)
 
 
 def runlinkat(tag: int) -> bytes:
+    """Runlinkat: no body."""
     return _r(RUNLINKAT, tag)
 
 

@@ -30,7 +30,7 @@ def _regressions():
 
 def test_targets_are_discovered():
     assert {"virtqueue", "block", "rng", "console", "virtio_pci", "pci_config", "pmem",
-            "proxy_reply", "keyvalue", "net", "balloon", "vsock"} <= set(TARGETS)
+            "proxy_reply", "keyvalue", "net", "balloon", "vsock", "fs", "p9"} <= set(TARGETS)
 
 
 @pytest.mark.parametrize("name", TARGETS)
