@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def _shared_dir_number(key: str, value: str | None, kind: type = int) -> int | f
         number = kind(value or "")
     except ValueError:
         raise ConfigError(f"shared-dir: {key}={value}: expected a number") from None
-    if number < 0 or number >= 1 << 32:
+    if not math.isfinite(number) or number < 0 or number >= 1 << 32:
         raise ConfigError(f"shared-dir: {key}={value}: out of range")
     return number
 

@@ -37,8 +37,10 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY = 1
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REMOUNT = 32
-# statvfs f_flag bit -> the mount flag that keeps it (MS_NOSUID, NODEV, NOEXEC, atime).
-_LOCKED_MOUNT_FLAGS = ((2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048), (4096, 1 << 21))
+# statvfs f_flag bit -> the mount flag that keeps it (MS_RDONLY, NOSUID, NODEV, NOEXEC,
+# atime): a read-only shared directory stays read-only, and may be shared.
+_LOCKED_MOUNT_FLAGS = ((1, 1), (2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048),
+                       (4096, 1 << 21))
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -92,6 +94,7 @@ class JailConfig:
     gid: int = 0
     caps: int = 0
     prepare: "Callable[[], None] | None" = None
+    max_open_files: int | None = None  # RLIMIT_NOFILE (within the hard limit) if not the jail's
 
 
 def _check(what: str, result: int) -> int:
@@ -249,7 +252,11 @@ class Jail:
         # effective, permitted, inheritable for caps 0-31, then for 32-63
         data = struct.pack("<6I", low, low, 0, high, high, 0)
         _check("capset", _libc.syscall(SYS_CAPSET, header, data))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
+        nofile = config.max_open_files or self.max_open_files
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY:
+            nofile = min(nofile, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         resource.setrlimit(resource.RLIMIT_DATA, (self.max_data_bytes, self.max_data_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core would hold guest RAM
         prctl(PR_SET_DUMPABLE, 0)

@@ -128,3 +128,37 @@ def test_share_jail_root_is_nosuid_nodev(probe):
 def test_share_jail_keeps_only_the_file_capabilities(probe):
     assert (int(probe["status"]["CapEff"], 16), int(probe["status"]["CapBnd"], 16)) == (
         FILE_SERVER_CAPS, FILE_SERVER_CAPS)
+
+
+def test_share_jail_accepts_a_read_only_share(tmp_path):
+    """A read-only mount stays read-only through the remount (a locked flag)."""
+    share = tmp_path / "ro"
+    share.mkdir()
+    empty = str(tmp_path / "empty")
+    ensure_pivot_root(empty)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.unshare(0x00020000)  # CLONE_NEWNS
+            libc.mount(None, b"/", None, 1 << 14 | 1 << 18, None)  # MS_REC | MS_PRIVATE
+            libc.mount(b"tmpfs", str(share).encode(), b"tmpfs", 1, b"size=64k")  # MS_RDONLY
+            Jail(pivot_root=empty).enter(None, None, config=JailConfig(root=str(share)))
+            try:
+                open("/x", "w")
+                result = b"writable"
+            except OSError as e:
+                result = str(e.errno).encode()
+            os.write(w, result)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 200).decode()
+    os.waitpid(pid, 0)
+
+    assert result == "30"  # EROFS: in the jail, and read-only

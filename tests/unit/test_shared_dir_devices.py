@@ -106,3 +106,29 @@ def test_fs_device_close_releases_its_fds(tmp_path, mem):
     dev.close()
 
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_share_root_is_the_directory_as_it_was_at_start(tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "mine.txt").write_text("x")
+    dev = Fs(SharedDirOption(src=str(share), tag="t", type="fs"))
+    share.rename(tmp_path / "moved")
+    os.symlink("/etc", share)  # swapped for a symlink before the guest activates it
+
+    dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dev.share_fds()[0])
+    names = os.listdir(dir_fd)
+    os.close(dir_fd)
+    dev.close()
+
+    assert names == ["mine.txt"]
+
+
+def test_share_of_a_symlink_is_its_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink("real", tmp_path / "link")
+
+    dev = Fs(SharedDirOption(src=str(tmp_path / "link"), tag="t", type="fs"))
+    dev.close()
+
+    assert dev.src == str(tmp_path / "real")

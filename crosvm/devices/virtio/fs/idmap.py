@@ -44,7 +44,7 @@ class IdMap:
             if not part.strip():
                 continue
             fields = part.split()
-            if len(fields) != 3 or not all(f.isdigit() for f in fields):
+            if len(fields) != 3 or not all(f.isascii() and f.isdigit() for f in fields):
                 raise IdMapError(f"{part.strip()!r} is not 'inner outer count'")
             inner, outer, count = (int(f) for f in fields)
             if count == 0 or inner + count - 1 > MAX_ID or outer + count - 1 > MAX_ID:

@@ -17,6 +17,7 @@ from crosvm.base import Event
 from crosvm.config import SharedDirOption
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.fs.fdbudget import raise_fd_limit
 from crosvm.devices.virtio.fs.idmap import IdMap
 from crosvm.devices.virtio.fs.reopen import open_proc_self_fd
 from crosvm.devices.virtio.queue import DescriptorChain, Queue
@@ -24,6 +25,13 @@ from crosvm.jail.jail import FILE_SERVER_CAPS, JailConfig
 from crosvm.vm_memory import GuestMemory
 
 QUEUE_SIZE = 256
+# A file server holds an fd per inode, handle or fid the guest keeps: far more than
+# the 1024 other devices get (crosvm raises it for its fs and p9 devices too).
+MAX_OPEN_FILES = 65536
+
+
+class ShareError(OSError):
+    """The shared directory is not what was checked at start (replaced meanwhile)."""
 
 
 class SharedDirDevice(V.VirtioDevice):
@@ -38,7 +46,13 @@ class SharedDirDevice(V.VirtioDevice):
         self.gid_map = IdMap.parse(option.gidmap)
         self._jailed = False
         self._proc_fd = -1
-        self._root_fd = -1
+        # Opened now, before the guest runs: a guest with another share above this one
+        # must not get to swap the directory for a symlink before this one activates.
+        self._root_fd = os.open(self.src, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC)
+        st = os.fstat(self._root_fd)
+        self._root_id = (st.st_dev, st.st_ino)
+        raise_fd_limit(MAX_OPEN_FILES)  # without the sandbox the servers live in the VMM
         self.server = None
         self.acked_features = 0
 
@@ -49,19 +63,25 @@ class SharedDirDevice(V.VirtioDevice):
         return JailConfig(root=self.src, uid_map=self.uid_map.proc_text(),
                           gid_map=self.gid_map.proc_text(), uid=self.option.uid,
                           gid=self.option.gid, caps=FILE_SERVER_CAPS,
-                          prepare=self._prepare_jail)
+                          prepare=self._prepare_jail, max_open_files=MAX_OPEN_FILES)
 
     def _prepare_jail(self) -> None:
-        """In the jailed process, before the pivot hides /proc."""
+        """In the jailed process, before the pivot hides /proc (the fd opened at start
+        was closed with the VMM's others: the jail's own root is used instead)."""
         self._jailed = True
+        self._root_fd = -1
         self._proc_fd = open_proc_self_fd()
 
     def share_fds(self) -> tuple[int, int, IdMap, IdMap]:
         """(root fd, /proc/self/fd fd, uid map, gid map) for a server in this process.
         In the jail the root is `/` and the kernel has already translated the ids."""
-        if self._root_fd < 0:
-            root = "/" if self._jailed else self.src
-            self._root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self._root_fd < 0:  # in the jail: its root, the share bind-mounted
+            fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._root_id:
+                os.close(fd)
+                raise ShareError(f"{self.src} was replaced after the VM started")
+            self._root_fd = fd
         if self._proc_fd < 0:
             self._proc_fd = open_proc_self_fd()
         if self._jailed:
