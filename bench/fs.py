@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from crosvm.base import Event  # noqa: E402
 from crosvm.config import SharedDirOption  # noqa: E402
 from crosvm.devices.virtio.driver import QueueDriver  # noqa: E402
+from crosvm.devices.virtio.queue import VIRTQ_DESC_F_WRITE  # noqa: E402
 from crosvm.devices.virtio.virtio_device import Interrupt  # noqa: E402
 from crosvm.jail import Jail, ensure_pivot_root  # noqa: E402
 from crosvm.jail.jail import DEFAULT_PIVOT_ROOT, IdMapRequest  # noqa: E402
@@ -42,7 +43,9 @@ BIG_SIZE = 64 * MIB
 FILES = 1000
 DEPTH = 16
 MEM_SIZE = 96 * MIB
+PAYLOAD_AT = 88 * MIB  # the guest's pages holding data to write (1 MiB), never reallocated
 MSIZE = 512 * 1024
+REPLY_HEAD = 256
 
 
 class Line:
@@ -98,15 +101,25 @@ class Guest:
 
     def batch(self, requests: list[tuple[bytes, int]], queue: int = -1) -> list[bytes]:
         """Post every (request, reply size) on `queue`, kick once, wait for all; the
-        replies in order (as many bytes as the device said it wrote)."""
+        replies in order: their first REPLY_HEAD bytes (a guest's driver does not copy
+        the data it asked the device to put in its pages; neither does this one)."""
         drv = self.drivers[queue]
         drv.next_free = drv.data_start
         heads = {}
-        for i, (data, reply) in enumerate(requests):
-            head, addrs = drv.add_buffers([data], [reply] if reply else [])
-            heads[head] = (i, addrs[0] if addrs else 0)
+        for i, request in enumerate(requests):
+            data, reply = request[0], request[1]
+            header = drv.alloc(len(data))
+            self.mem.write(header, data)
+            descs = [(header, len(data), 0)]
+            if len(request) > 2:  # data already in guest pages (a page cache), not copied
+                descs.append((*request[2], 0))
+            reply_at = drv.alloc(reply) if reply else 0
+            if reply:
+                descs.append((reply_at, reply, VIRTQ_DESC_F_WRITE))
+            heads[drv.add_descriptors(descs)] = (i, reply_at)
         self.kicks[queue].signal()
         out: list[bytes] = [b""] * len(requests)
+        self.used_lengths = [0] * len(requests)
         left = len(requests)
         while left:
             if not select.select([self.line.trigger.fd], [], [], 5.0)[0]:
@@ -114,7 +127,8 @@ class Guest:
             self.line.trigger.wait()
             for head, length in drv.used():
                 i, addr = heads[head]
-                out[i] = self.mem.read(addr, length) if length else b""
+                out[i] = self.mem.read(addr, min(length, REPLY_HEAD)) if length else b""
+                self.used_lengths[i] = length
                 left -= 1
         return out
 
@@ -142,10 +156,12 @@ class Fuse:
                                1)
         self.check(init)
 
-    def req(self, opcode: int, nodeid: int, body: bytes) -> tuple[bytes, int]:
+    def req(self, opcode: int, nodeid: int, body: bytes, extra: int = 0) -> tuple[bytes, int]:
+        """The request's header and arguments (`extra` bytes of data follow in their
+        own buffer)."""
         self.unique += 1
-        return (IN_HEADER.pack(IN_HEADER.size + len(body), opcode, self.unique, nodeid,
-                               0, 0, 1, 0) + body, 4096)
+        return (IN_HEADER.pack(IN_HEADER.size + len(body) + extra, opcode, self.unique,
+                               nodeid, 0, 0, 1, 0) + body, 4096)
 
     @staticmethod
     def check(reply: bytes) -> bytes:
@@ -199,14 +215,14 @@ def fuse_cases(g: Guest, share: str) -> dict[str, float]:
         replies = g.batch([(f.req(FUSE_READ, big, struct.pack(
             "<QQIIQII", read_fh, ((i + k) % blocks) * MIB, MIB, 0, 0, 0, 0))[0],
             OUT_HEADER.size + MIB) for k in range(4)], 1)
-        return sum(len(f.check(r)) for r in replies)
-
-    payload = bytes(MIB)
+        for r in replies:
+            f.check(r)
+        return sum(n - OUT_HEADER.size for n in g.used_lengths)
 
     def write(i: int) -> int:
         replies = g.batch([(f.req(FUSE_WRITE, big, struct.pack(
-            "<QQIIQII", write_fh, ((i + k) % blocks) * MIB, MIB, 0, 0, 0, 0) + payload)[0],
-            64) for k in range(4)], 1)
+            "<QQIIQII", write_fh, ((i + k) % blocks) * MIB, MIB, 0, 0, 0, 0), MIB)[0],
+            64, (PAYLOAD_AT, MIB)) for k in range(4)], 1)
         return sum(struct.unpack_from("<I", f.check(r))[0] for r in replies)
 
     return {"stat": stat, "create+unlink": create_unlink, "read": read, "write": write}
@@ -232,8 +248,10 @@ class P9:
                                           + s9("") + struct.pack("<I", 0))])[0])
         self.next_fid = 1
 
-    def msg(self, kind: int, body: bytes, reply: int = 8192) -> tuple[bytes, int]:
-        return struct.pack("<IBH", 7 + len(body), kind, 1) + body, reply
+    def msg(self, kind: int, body: bytes, reply: int = 8192, extra: int = 0) -> tuple[bytes, int]:
+        """The message's header and fields (`extra` bytes of data follow in their own
+        buffer, as the Linux client's zero-copy writes do)."""
+        return struct.pack("<IBH", 7 + len(body) + extra, kind, 1) + body, reply
 
     @staticmethod
     def check(reply: bytes) -> bytes:
@@ -291,12 +309,10 @@ def p9_cases(g: Guest, share: str) -> dict[str, float]:
                                                     piece), p.msize) for k in range(8)])
         return sum(struct.unpack_from("<I", p.check(r))[0] for r in replies)
 
-    payload = bytes(piece)
-
     def write(i: int) -> int:
-        replies = g.batch([p.msg(TWRITE, struct.pack("<IQI", wfid, ((i * 8 + k) % pieces)
-                                                     * piece, piece) + payload)
-                           for k in range(8)])
+        replies = g.batch([(*p.msg(TWRITE, struct.pack("<IQI", wfid, ((i * 8 + k) % pieces)
+                                                       * piece, piece), extra=piece),
+                            (PAYLOAD_AT, piece)) for k in range(8)])
         return sum(struct.unpack_from("<I", p.check(r))[0] for r in replies)
 
     return {"stat": stat, "create+unlink": create_unlink, "read": read, "write": write}

@@ -25,12 +25,14 @@ class FdBudget:
 
     @property
     def limit(self) -> int:
-        if self._limit is not None:
-            return self._limit
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY:
-            soft = 1 << 20
-        return max(MIN_BUDGET, soft - RESERVE)
+        """Read once, on first use: in the device's process that is after its jail set
+        its RLIMIT_NOFILE (and the VMM raised its own before serving)."""
+        if self._limit is None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft == resource.RLIM_INFINITY:
+                soft = 1 << 20
+            self._limit = max(MIN_BUDGET, soft - RESERVE)
+        return self._limit
 
     @property
     def held(self) -> int:
