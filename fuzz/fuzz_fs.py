@@ -16,8 +16,11 @@ any other request is answered (unless its reply buffer cannot hold a header) wit
 out header whose len is what was written, fits the buffer, echoes the request's
 unique, and carries 0 or a negative errno (and nothing else with an error); nothing
 outside the share changes (the sentinel's bytes and mode, its directory's listing);
-the share holds no set-id file, no device node and no socket; the server holds no
-more than MAX_HANDLES handles; after `close` the process has the fds it had before.
+the share holds no set-id file (but set-gid directories), no device node and no
+socket; the server holds no more than MAX_HANDLES handles, nor more fds than its fd
+budget (a small one, 4 to 40, so that the ENFILE paths run too), and every fd it holds
+between requests is counted there; after `close` the process has the fds it had
+before and the budget is back to 0.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import atheris
 from crosvm.devices.virtio.descriptor_utils import Reader, Writer
 from crosvm.devices.virtio.fs import fuse as F
 from crosvm.devices.virtio.fs import passthrough as PT
+from crosvm.devices.virtio.fs.fdbudget import FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
 from crosvm.devices.virtio.fs.reopen import open_proc_self_fd
 from crosvm.devices.virtio.queue import DescriptorChain
@@ -241,7 +245,8 @@ def one_input(data: bytes) -> None:
                            writeback=fdp.ConsumeBool(), posix_acl=fdp.ConsumeBool(),
                            ascii_casefold=fdp.ConsumeBool())
     ids = IdMap.parse(f"0 {os.getuid()} 1, 1000 100000 1")  # 1000: another host id
-    fs = PT.PassthroughFs(root_fd, proc_fd, options, ids, ids)
+    budget = FdBudget(limit=fdp.ConsumeIntInRange(4, 40))
+    fs = PT.PassthroughFs(root_fd, proc_fd, options, ids, ids, budget)
     try:
         g = Guest(fdp)
         if fdp.ConsumeIntInRange(0, 15):
@@ -253,12 +258,16 @@ def one_input(data: bytes) -> None:
                 fdp.ConsumeIntInRange(F.OUT_HEADER.size, 0x3000)
             _send(fs, mem, fdp, g, request, opcode, unique, reply_len)
             expect(fs.handle_count() <= PT.MAX_HANDLES, "handles beyond the bound")
+            expect(budget.held <= budget.limit, "fds beyond the budget")
+            held = len(os.listdir("/proc/self/fd")) - fds_before - 2  # root_fd, proc_fd
+            expect(held == budget.held, lambda: f"{held} fds held, {budget.held} counted")
     finally:
         fs.close()
         os.close(root_fd)
         os.close(proc_fd)
     try:
         expect(len(os.listdir("/proc/self/fd")) == fds_before, "fds left open after close")
+        expect(budget.held == 0, f"{budget.held} fds still counted in the budget after close")
         _check_contained(top, share)
     finally:
         shutil.rmtree(top, ignore_errors=True)

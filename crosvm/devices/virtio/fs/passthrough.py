@@ -13,15 +13,21 @@ The guest is hostile. Containment rests on three rules:
   opened (a fifo open would block the device), nor created except fifos.
 * Every length the guest sends is checked against what its buffers hold and against
   fixed bounds (1 MiB reads/writes, 64 KiB xattrs, 255-byte names, 65536 open
-  handles) before anything acts on it.
+  handles) before anything acts on it; every fd an inode or handle holds also counts
+  against the process's fd budget (fdbudget.py), beyond which the guest gets ENFILE
+  rather than the VMM running out of fds.
+* An fd is closed only when nothing can use it any more: a handle pins the inode it
+  was opened from (FORGET does not close that inode's fd while the handle is open),
+  a request pins what it uses, and a closed fd is forgotten (-1), so that no request
+  ever acts through an fd number the process has since reused for another file.
 
 Choices (what crosvm leaves to the host setup, decided here):
 
 * An unknown nodeid or fh is EBADF (the guest names something it was never given).
-* S_ISUID and S_ISGID are never set for the guest: they are stripped from the modes of
-  CREATE, MKNOD, MKDIR and SETATTR (a guest must not mint set-id programs on the host),
-  and setting the `security.capability` xattr is refused (EPERM) for the same reason.
-  A directory keeps an S_ISGID the host kernel gives it in a set-gid parent.
+* S_ISUID and S_ISGID are never set for the guest on files: they are stripped from the
+  modes of CREATE, MKNOD, MKDIR and SETATTR (a guest must not mint set-id programs on
+  the host). Directories may be set-gid: SETATTR keeps S_ISGID on them (`chmod 2775
+  dir`), and a directory keeps the S_ISGID the host kernel gives it in a set-gid parent.
 * WRITE with FUSE_WRITE_KILL_PRIV clears S_ISUID, and S_ISGID when group-executable
   (the host kernel would not when the device runs as root). HANDLE_KILLPRIV is not
   negotiated: the guest kernel removes those bits itself with SETATTR.
@@ -33,7 +39,11 @@ Choices (what crosvm leaves to the host setup, decided here):
   the device is not privileged) they keep the device's identity, as for an unmapped
   id. In a set-gid directory the group is the directory's, as the host would make it.
 * xattrs work on regular files and directories only (others: EOPNOTSUPP); POSIX ACL
-  values have their uids/gids translated with the maps.
+  values have their uids/gids translated with the maps. The guest may set and remove
+  only `user.*` and (with posix_acl) the two POSIX ACLs: anything else (`trusted.*`,
+  `security.*` such as file capabilities and SELinux labels) is EPERM, as the device
+  may run as host root. Reading and listing show them all.
+* WRITE on a handle not opened for writing is EBADF before anything changes.
 * ascii_casefold applies to LOOKUP only (creating a name differing in case from an
   existing one is left to the host).
 """
@@ -53,6 +63,7 @@ from typing import Iterator
 
 from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, WorkerStopping, Writer
 from crosvm.devices.virtio.fs import fuse as F
+from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
 from crosvm.devices.virtio.fs.names import NAME_MAX, check_name
 from crosvm.devices.virtio.fs.reopen import reopen
@@ -136,24 +147,36 @@ class FsOptions:
 
 
 class _Inode:
-    """One host inode the guest holds: an O_PATH fd and the guest's lookup count."""
+    """One host inode the guest holds: an O_PATH fd and the guest's lookup count.
 
-    __slots__ = ("nodeid", "fd", "key", "type", "refcount", "users", "dead")
+    The fd stays open while anything may use it: the guest's lookups (`refcount`), the
+    requests using it right now (`users`) and the open handles made from it (`handles`).
+    Once FORGET (or `close`) removed it from the tables (`dead`), the last of those to
+    go closes it and gives its fd back to the budget; `fd` is then -1, never a number
+    the process may since have given to another file."""
 
-    def __init__(self, nodeid: int, fd: int, key: tuple[int, int], type_: int) -> None:
+    __slots__ = ("nodeid", "fd", "key", "type", "refcount", "users", "handles", "dead",
+                 "owned")
+
+    def __init__(self, nodeid: int, fd: int, key: tuple[int, int], type_: int,
+                 owned: bool = True) -> None:
         self.nodeid, self.fd, self.key, self.type = nodeid, fd, key, type_
         self.refcount = 1
         self.users = 0      # requests using the fd right now (it is closed after them)
+        self.handles = 0    # open handles made from it (they pin it: READDIRPLUS, SETATTR)
         self.dead = False
+        self.owned = owned  # the server's fd (counted in the budget), not the root_fd
 
 
 class _Handle:
-    """One open file or directory (OPEN/CREATE/OPENDIR)."""
+    """One open file or directory (OPEN/CREATE/OPENDIR). It pins its inode until its
+    own fd is closed."""
 
-    __slots__ = ("fh", "fd", "inode", "is_dir", "users", "dead", "lock")
+    __slots__ = ("fh", "fd", "inode", "is_dir", "writable", "users", "dead", "lock")
 
-    def __init__(self, fh: int, fd: int, inode: _Inode, is_dir: bool) -> None:
+    def __init__(self, fh: int, fd: int, inode: _Inode, is_dir: bool, writable: bool) -> None:
         self.fh, self.fd, self.inode, self.is_dir = fh, fd, inode, is_dir
+        self.writable = writable
         self.users = 0
         self.dead = False
         self.lock = threading.Lock()  # READDIR's lseek + getdents are one step
@@ -161,12 +184,18 @@ class _Handle:
 
 class PassthroughFs:
     """A FUSE server for the directory `root_fd` (an O_PATH or O_DIRECTORY fd), for
-    virtio-fs. `proc_fd` is /proc/self/fd (see reopen.py). Both stay the caller's."""
+    virtio-fs. `proc_fd` is /proc/self/fd (see reopen.py). Both stay the caller's.
+
+    Every fd an inode or handle holds is counted in `budget` (the process's, shared by
+    every server in it, unless given another): a LOOKUP, OPEN, ... that would go
+    beyond it fails ENFILE. Safe to call from several threads (the request and hiprio
+    queues): an fd is closed only once no request uses it and no handle pins it."""
 
     def __init__(self, root_fd: int, proc_fd: int, options: FsOptions, uid_map: IdMap,
-                 gid_map: IdMap) -> None:
+                 gid_map: IdMap, budget: FdBudget | None = None) -> None:
         self.root_fd, self.proc_fd, self.options = root_fd, proc_fd, options
         self.uid_map, self.gid_map = uid_map, gid_map
+        self.budget = PROCESS_BUDGET if budget is None else budget
         self._lock = threading.Lock()
         st = os.fstat(root_fd)
         if not stat.S_ISDIR(st.st_mode):
@@ -184,18 +213,26 @@ class PassthroughFs:
         self._handles: dict[int, _Handle] = {}
         self._next_nodeid = F.ROOT_ID + 1
         self._next_fh = 1
-        root = _Inode(F.ROOT_ID, self.root_fd, self._root_key, stat.S_IFDIR)
+        root = _Inode(F.ROOT_ID, self.root_fd, self._root_key, stat.S_IFDIR, owned=False)
         self._inodes[F.ROOT_ID] = root
         self._by_key[self._root_key] = root
 
     def close(self) -> None:
-        """Closes every fd the server opened (not root_fd or proc_fd)."""
+        """Closes every fd the server opened (not root_fd or proc_fd) and gives them back
+        to the budget; one a request in another thread uses right now is closed when
+        that request ends."""
         with self._lock:
-            fds = [h.fd for h in self._handles.values()]
-            fds += [i.fd for i in self._inodes.values() if i.nodeid != F.ROOT_ID]
+            handles = list(self._handles.values())
+            inodes = list(self._inodes.values()) + [h.inode for h in handles]
+            for obj in handles + inodes:
+                obj.dead = True
+            fds = []
+            for h in handles:
+                fds += self._freed(h)
+            for inode in inodes:
+                fds += self._freed(inode)
             self._reset()
-        for fd in fds:
-            _close(fd)
+        self._close_fds(fds)
 
     def inode_count(self) -> int:
         """Inodes held for the guest, the root included."""
@@ -222,9 +259,32 @@ class PassthroughFs:
     def _unuse(self, obj: _Inode | _Handle) -> None:
         with self._lock:
             obj.users -= 1
-            close = obj.dead and obj.users == 0
-        if close:
-            _close(obj.fd)
+            fds = self._freed(obj)
+        self._close_fds(fds)
+
+    @staticmethod
+    def _freed(obj: _Inode | _Handle) -> list[int]:
+        """Under the lock: the fds to close now that `obj` may have lost its last user,
+        forgotten (-1) so that nothing uses their numbers again. A handle's going
+        unpins its inode."""
+        fds = []
+        if isinstance(obj, _Handle):
+            if not obj.dead or obj.users or obj.fd < 0:
+                return fds
+            fds.append(obj.fd)
+            obj.fd = -1
+            obj.inode.handles -= 1
+            obj = obj.inode
+        if obj.dead and not obj.users and not obj.handles and obj.owned and obj.fd >= 0:
+            fds.append(obj.fd)
+            obj.fd = -1
+        return fds
+
+    def _close_fds(self, fds: list[int]) -> None:
+        for fd in fds:
+            _close(fd)
+        if fds:
+            self.budget.give(len(fds))
 
     @contextlib.contextmanager
     def _handle(self, fh: int, is_dir: bool) -> Iterator[_Handle]:
@@ -240,28 +300,41 @@ class PassthroughFs:
         finally:
             self._unuse(h)
 
-    def _add_ref(self, fd: int, st: os.stat_result) -> _Inode:
-        """The inode for the O_PATH `fd` (which this takes), one lookup more."""
+    def _add_ref(self, fd: int, st: os.stat_result, use: bool = False) -> _Inode:
+        """The inode for the O_PATH `fd` (which this takes), one lookup more; with
+        `use`, in use by the caller too (who then calls `_unuse`)."""
         key = (st.st_dev, st.st_ino)
+        error = None
         with self._lock:
             inode = self._by_key.get(key)
-            if inode is None and len(self._inodes) < MAX_INODES:
-                inode = _Inode(self._next_nodeid, fd, key, stat.S_IFMT(st.st_mode))
-                self._next_nodeid += 1
-                self._inodes[inode.nodeid] = inode
-                self._by_key[key] = inode
-                return inode
-            if inode is not None:
+            if inode is None:
+                try:
+                    if len(self._inodes) >= MAX_INODES:
+                        raise OSError(errno.ENFILE, "too many inodes")
+                    self.budget.take(1)
+                except OSError as e:
+                    error = e
+                else:
+                    inode = _Inode(self._next_nodeid, fd, key, stat.S_IFMT(st.st_mode))
+                    self._next_nodeid += 1
+                    self._inodes[inode.nodeid] = inode
+                    self._by_key[key] = inode
+                    inode.users += use
+                    return inode
+            else:
                 inode.refcount += 1
+                inode.users += use
         _close(fd)  # a second fd for an inode already held, or no room
-        if inode is None:
-            raise OSError(errno.ENFILE, "too many inodes")
+        if error is not None:
+            raise error
         return inode
 
-    def _forget(self, nodeid: int, count: int) -> None:
+    def _forget(self, nodeid: int, count: int, only: _Inode | None = None) -> None:
+        """`count` lookups fewer for `nodeid` (if it is still the inode `only`, when given:
+        nodeids start again after a DESTROY)."""
         with self._lock:
             inode = self._inodes.get(nodeid)
-            if inode is None:
+            if inode is None or (only is not None and inode is not only):
                 return
             inode.refcount = max(0, inode.refcount - count)
             if inode.refcount or nodeid == F.ROOT_ID:
@@ -270,19 +343,27 @@ class PassthroughFs:
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
             inode.dead = True
-            close = inode.users == 0
-        if close:
-            _close(inode.fd)
+            fds = self._freed(inode)  # none while a handle or a request still uses it
+        self._close_fds(fds)
 
-    def _new_handle(self, fd: int, inode: _Inode, is_dir: bool) -> int:
+    def _new_handle(self, fd: int, inode: _Inode, is_dir: bool, writable: bool = False) -> int:
+        """A handle for the open `fd` (which this takes) of `inode`, which the caller
+        has in use (so its fd is open: the handle pins it from here on)."""
         with self._lock:
-            if len(self._handles) < MAX_HANDLES:
-                fh = self._next_fh
-                self._next_fh += 1
-                self._handles[fh] = _Handle(fh, fd, inode, is_dir)
-                return fh
-        _close(fd)
-        raise OSError(errno.EMFILE, "too many open handles")
+            try:
+                if len(self._handles) >= MAX_HANDLES:
+                    raise OSError(errno.EMFILE, "too many open handles")
+                if inode.fd < 0:
+                    raise OSError(errno.EBADF, "the inode was closed")
+                self.budget.take(1)
+            except OSError:
+                _close(fd)
+                raise
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(fh, fd, inode, is_dir, writable)
+            inode.handles += 1
+            return fh
 
     # -- the request loop --------------------------------------------------------------------
     def handle(self, reader: Reader, writer: Writer) -> int:
@@ -411,14 +492,15 @@ class PassthroughFs:
             os.close(fd)
         return None
 
-    def _lookup_fd(self, fd: int) -> tuple[_Inode, os.stat_result]:
-        """Takes the O_PATH `fd`: its inode, with one more lookup, and its stat."""
+    def _lookup_fd(self, fd: int, use: bool = False) -> tuple[_Inode, os.stat_result]:
+        """Takes the O_PATH `fd`: its inode, with one more lookup (and in use by the
+        caller with `use`), and its stat."""
         try:
             st = os.fstat(fd)
         except OSError:
             _close(fd)
             raise
-        return self._add_ref(fd, st), st
+        return self._add_ref(fd, st, use), st
 
     def _lookup(self, parent: _Inode, name: bytes, casefold: bool = False) -> bytes:
         inode, st = self._lookup_fd(self._open_child(parent, name, casefold))
@@ -471,7 +553,9 @@ class PassthroughFs:
             if valid & F.FATTR_MODE:
                 if inode.type == stat.S_IFLNK:
                     raise OSError(errno.EOPNOTSUPP, "mode of a symlink")
-                os.chmod(proc_name, mode & _PERMS, dir_fd=self.proc_fd)
+                # A directory may be set-gid (its new nodes get its group): never set-uid.
+                keep = stat.S_ISGID if inode.type == stat.S_IFDIR else 0
+                os.chmod(proc_name, mode & (_PERMS | keep), dir_fd=self.proc_fd)
             if valid & F.FATTR_SIZE:
                 if size > MAX_OFFSET:
                     raise OSError(errno.EFBIG, "size")
@@ -703,7 +787,7 @@ class PassthroughFs:
                 raise OSError({stat.S_IFDIR: errno.EISDIR, stat.S_IFLNK: errno.ELOOP}.get(
                     inode.type, errno.ENXIO), "only regular files are opened")
             fd = reopen(self.proc_fd, inode.fd, flags)
-            fh = self._new_handle(fd, inode, False)
+            fh = self._new_handle(fd, inode, False, _writable(flags))
         return F.OPEN_OUT.pack(fh, self._file_open_flags(), 0)
 
     def _op_create(self, hdr, args, extra, reader, writer):
@@ -749,15 +833,18 @@ class PassthroughFs:
                             os.unlink(name, dir_fd=parent.fd)
                         _close(path_fd)
                         raise
-                inode, st = self._lookup_fd(path_fd)
+                # In use until the handle pins it: a FORGET meanwhile must not close it.
+                inode, st = self._lookup_fd(path_fd, use=True)
             except OSError:
                 _close(fd)
                 raise
             try:
-                fh = self._new_handle(fd, inode, False)
+                fh = self._new_handle(fd, inode, False, _writable(flags))
             except OSError:
-                self._forget(inode.nodeid, 1)
+                self._forget(inode.nodeid, 1, only=inode)
                 raise
+            finally:
+                self._unuse(inode)
         return self._entry(inode, st) + F.OPEN_OUT.pack(fh, self._file_open_flags(), 0)
 
     def _op_read(self, hdr, args, extra, reader, writer):
@@ -785,7 +872,9 @@ class PassthroughFs:
         if offset > MAX_OFFSET or offset + size > MAX_OFFSET:
             raise OSError(errno.EFBIG, "offset")
         with self._handle(fh, False) as h:
-            if write_flags & F.WRITE_KILL_PRIV:
+            if not h.writable:  # before any change: a read-only handle changes nothing
+                raise OSError(errno.EBADF, "handle not open for writing")
+            if write_flags & F.WRITE_KILL_PRIV:  # as the kernel: before the data lands
                 mode = os.fstat(h.fd).st_mode
                 kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
                 if mode & kill:
@@ -805,9 +894,8 @@ class PassthroughFs:
                 raise OSError(errno.EBADF, f"no handle {fh}")
             del self._handles[fh]
             h.dead = True
-            close = h.users == 0
-        if close:
-            _close(h.fd)
+            fds = self._freed(h)  # the handle's fd, and its inode's if it was the last pin
+        self._close_fds(fds)
         return b""
 
     def _op_release(self, hdr, args, extra, reader, writer):
@@ -882,19 +970,22 @@ class PassthroughFs:
                         full = True
                         break
                     if plus:
-                        out += self._direntplus(h.inode, name, ino, off, dtype)
+                        out += self._direntplus(h.fd, name, ino, off, dtype)
                     else:
                         out += F.pack_dirent(ino, off & MAX_OFFSET, dtype, name)
         if full and not out:
             raise OSError(errno.EINVAL, f"{room} bytes do not hold one entry")
         return bytes(out)
 
-    def _direntplus(self, parent: _Inode, name: bytes, ino: int, off: int, dtype: int) -> bytes:
+    def _direntplus(self, dir_fd: int, name: bytes, ino: int, off: int, dtype: int) -> bytes:
+        """One READDIRPLUS entry, `name` looked up in the directory the handle (in use,
+        its fd `dir_fd`) lists: the very directory getdents read, whatever became of the
+        inode it was opened from."""
         entry = bytes(F.ENTRY_OUT.size)  # nodeid 0: no lookup, the kernel takes no ref
         if name not in (b".", b".."):
             try:
                 inode, st = self._lookup_fd(os.open(
-                    name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd))
+                    name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
                 entry = self._entry(inode, st)
                 ino, dtype = st.st_ino, stat.S_IFMT(st.st_mode) >> 12
             except OSError:
@@ -981,8 +1072,7 @@ class PassthroughFs:
         value = args.take_bytes(size)
         if flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
             raise OSError(errno.EINVAL, "setxattr flags")
-        if name == "security.capability":
-            raise OSError(errno.EPERM, "file capabilities are not granted by guests")
+        _check_settable(name)
         if name in _ACL_NAMES:
             value = self._acl_ids(value, True)
         with self._xattr_fd(hdr.nodeid) as fd:
@@ -991,6 +1081,7 @@ class PassthroughFs:
 
     def _op_removexattr(self, hdr, args, extra, reader, writer):
         name = self._xattr_name(args)
+        _check_settable(name)
         with self._xattr_fd(hdr.nodeid) as fd:
             os.removexattr(fd, name)
         return b""
@@ -1032,6 +1123,18 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _writable(flags: int) -> bool:
+    return flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+
+
+def _check_settable(name: str) -> None:
+    """EPERM unless the guest may set or remove the xattr `name`: user.* and the POSIX
+    ACLs only. trusted.* and security.* (overlayfs redirects, SELinux labels, file
+    capabilities) and the other system.* names are the host's: the device may be root."""
+    if not (name.startswith("user.") or name in _ACL_NAMES):
+        raise OSError(errno.EPERM, f"the guest may not set the {name} xattr")
 
 
 P = PassthroughFs
