@@ -14,7 +14,8 @@ hold; with a readable header and room for an Rlerror a reply always comes, frame
 (its size field is the length written), with the request's tag and a type that is
 Rlerror or the request's own R-type (nothing at all otherwise); an Rread's count is
 what follows it; nothing outside the share changes (the outside directory's names,
-a file's bytes, mode, owner, times and xattrs); after `close` the server holds no fd.
+a file's bytes, mode, owner, times and xattrs); after `close` the server holds no fd,
+and has given every fd back to its budget (a small one, often reached: ENFILE).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tempfile
 import atheris
 
 from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.fs.fdbudget import FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
 from crosvm.devices.virtio.fs.reopen import open_proc_self_fd
 from crosvm.devices.virtio.queue import DescriptorChain
@@ -38,7 +40,9 @@ from crosvm.p9.server import P9Server
 from fuzz import guest
 
 NAMES = [b"f", b"d", b"g", b"..", b".", b"out", b"abs", b"fifo", b"new", b"a/b", b"",
-         b"x" * 256, b"secret", b"outside"]
+         b"x" * 256, b"secret", b"outside", b"sock", b"suid", b"user.x",
+         b"system.posix_acl_access", b"trusted.x", b"security.capability"]
+SUID_DATA = b"#!/bin/sh\n"
 TYPES = sorted(P.T_FORMATS) + [P.TWALK, P.TFSYNC]
 U32_VALUES = [0, 1, 2, 3, 4, 5, P.NOFID, 0o100644, 0o40755, 0o10600, 0o20666, 0o4755,
               P.DOTL_RDWR | P.DOTL_TRUNC, P.DOTL_WRONLY | P.DOTL_APPEND, P.AT_REMOVEDIR,
@@ -97,9 +101,33 @@ def _make_share(base: str) -> str:
     with open(os.path.join(share, "d", "g"), "wb") as f:
         f.write(b"g")
     os.mkfifo(os.path.join(share, "fifo"))
+    os.mknod(os.path.join(share, "sock"), stat.S_IFSOCK | 0o600)
+    suid = os.path.join(share, "suid")  # a setuid program the host keeps in the share
+    with open(suid, "wb") as f:
+        f.write(SUID_DATA)
+    os.chmod(suid, 0o6755)
     os.symlink("../outside", os.path.join(share, "out"))
     os.symlink(os.path.join(base, "outside", "secret"), os.path.join(share, "abs"))
     return share
+
+
+def _setid_files(share: str, planted: tuple[int, int]) -> list[str]:
+    """Non-directories in the share with S_ISUID (or S_ISGID and group-execute) that
+    are not the planted program, unchanged."""
+    bad = []
+    for top, dirs, files in os.walk(share):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            setid = st.st_mode & stat.S_ISUID or (
+                st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP)
+            if not setid or stat.S_ISDIR(st.st_mode):
+                continue
+            with open(path, "rb") as f:
+                same = (st.st_dev, st.st_ino) == planted and f.read() == SUID_DATA
+            if not same:
+                bad.append(path)
+    return bad
 
 
 def _u32(fdp: atheris.FuzzedDataProvider) -> int:
@@ -233,21 +261,24 @@ def one_input(data: bytes) -> None:
     base = _base()
     share = _make_share(base)
     outside = _outside_state(base)
+    planted = os.lstat(os.path.join(share, "suid"))
     mem = guest.clean_memory()
     fds = set(os.listdir("/proc/self/fd"))
     root_fd = os.open(share, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     proc_fd = open_proc_self_fd()
     server = None
+    budget = FdBudget(limit=fdp.ConsumeIntInRange(1, 24))
     try:
         server = P9Server(root_fd, proc_fd, IdMap.parse(f"0 {os.getuid()} 1000"),
                           IdMap.parse(f"0 {os.getgid()} 1000"),
                           max_msize=fdp.ConsumeIntInRange(P.MIN_MSIZE, 0x10000),
-                          max_fids=fdp.ConsumeIntInRange(1, 8))
+                          max_fids=fdp.ConsumeIntInRange(1, 8), budget=budget)
         if fdp.ConsumeIntInRange(0, 7):  # mostly a mounted session, as the client starts
             _serve(fdp, server, mem, P.tmessage(P.TVERSION, P.NOTAG, 0x10000, b"9P2000.L"))
             _serve(fdp, server, mem, P.tmessage(P.TATTACH, 1, 0, P.NOFID, b"", b"", 0))
         for _ in range(fdp.ConsumeIntInRange(1, 12)):
             _serve(fdp, server, mem, _request(fdp))
+            assert budget.held <= budget.limit, f"{budget.held} fds over a budget of {budget.limit}"
         server.close()
         server = None
     finally:
@@ -256,6 +287,9 @@ def one_input(data: bytes) -> None:
         os.close(root_fd)
         os.close(proc_fd)
     assert set(os.listdir("/proc/self/fd")) == fds, "the server left fds open"
+    assert budget.held == 0, f"{budget.held} fds not given back to the budget"
+    bad = _setid_files(share, (planted.st_dev, planted.st_ino))
+    assert not bad, f"setuid/setgid files the guest made or wrote: {bad}"
     assert _outside_state(base) == outside, "something outside the share changed"
     mode = os.lstat(share).st_mode
     assert stat.S_ISDIR(mode), "the share's root is no longer a directory"

@@ -14,9 +14,12 @@ moved out cannot be climbed out of). Files are opened for I/O only by reopening 
 fid's own inode through /proc/self/fd (`reopen`), and only regular files and
 directories: a fifo cannot block the device, a device node is never opened. Guests
 cannot make device nodes, and setuid bits (and setgid on anything but a directory)
-are stripped from every mode the guest gives. Every count is bounded: names (255),
-walks (16 names), strings (the message), replies (msize and the writer), directory
-reads, xattrs (64 KiB) and fids (`max_fids`).
+are stripped from every mode the guest gives; a write or truncation through a fid
+open for writing clears the setuid/setgid bits a host file had, as the kernel would
+for an unprivileged writer. Every count is bounded: names (255), walks (16 names),
+strings (the message), replies (msize and the writer), directory reads, xattrs
+(64 KiB), fids (`max_fids`) and fds: every fd the server opens is taken from a
+budget shared by the process's file servers (`FdBudget`), ENFILE beyond it.
 
 Choices:
 - Locks: Tlock always answers SUCCESS and Tgetlock always "unlocked". The guest
@@ -35,10 +38,11 @@ Choices:
 - Created files get the attaching user's uid and the message's gid through the
   maps; an id with no mapping keeps the server's own, and so does a chown the host
   refuses (EPERM when not running as root).
-- Xattrs pass through, but the guest cannot set security.capability (file
-  capabilities are setuid by another name) or trusted.* (the host's: overlayfs keeps
-  its metadata there). POSIX ACL xattrs have the ids inside translated with the
-  maps, both ways (an id without a mapping is EINVAL).
+- Xattrs are read as they are, but the guest sets and removes only user.* and the
+  POSIX ACLs (EPERM for the rest: security.* holds file capabilities, setuid by
+  another name, and LSM labels; trusted.* is the host's, overlayfs keeps its
+  metadata there). POSIX ACL xattrs have the ids inside translated with the maps,
+  both ways (an id without a mapping is EINVAL).
 - Tlcreate always creates (O_EXCL): opening an existing name could open a fifo or a
   device node the host put there.
 """
@@ -56,6 +60,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from crosvm.devices.virtio.descriptor_utils import WorkerStopping
+from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
 from crosvm.devices.virtio.fs.names import check_name
 from crosvm.devices.virtio.fs.reopen import reopen
@@ -72,6 +77,19 @@ MAX_ROOT_DEPTH = 4096             # directories climbed checking a '..' is under
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_PATH_FLAGS = PATH_FLAGS | os.O_DIRECTORY
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+_NO_QID = P.Qid(0, 0, 0)
+# Replies longer than an Rlerror to requests that change something: the room for
+# them is checked before the request acts (the others are checked before they act,
+# or have nothing to undo).
+_REPLY_LEN = {
+    P.TVERSION: len(P.rversion(0, 0, P.VERSION_9P2000_L)),
+    P.TATTACH: len(P.rattach(0, _NO_QID)),
+    P.TLOPEN: len(P.rlopen(0, _NO_QID, 0)),
+    P.TLCREATE: len(P.rlcreate(0, _NO_QID, 0)),
+    P.TSYMLINK: len(P.rsymlink(0, _NO_QID)),
+    P.TMKNOD: len(P.rmknod(0, _NO_QID)),
+    P.TMKDIR: len(P.rmkdir(0, _NO_QID)),
+}
 
 # Tlopen/Tlcreate flags kept when opening for I/O (the rest, O_CREAT, O_NOFOLLOW,
 # O_NOCTTY, O_DIRECT, O_ASYNC, O_NOATIME, O_NONBLOCK..., are dropped: the server
@@ -89,7 +107,11 @@ def _err(code: int, what: str = "") -> OSError:
 class _Fid:
     """What one fid stands for: a file (`fd`, opened for I/O in `io` after Tlopen or
     Tlcreate), or an xattr: a value read by Txattrwalk (`fd` None) or one being
-    written after Txattrcreate (`xattr_name` set)."""
+    written after Txattrcreate (`xattr_name` set).
+
+    The fid owns its fds (a walk dups, never shares): `fd`, `io` and the directory
+    stream's own dup each count one in the server's budget, and only the server's
+    `_close_fid` closes them, once."""
 
     fd: int | None
     uid: int                      # the attaching user's guest uid (owner of new files)
@@ -102,24 +124,19 @@ class _Fid:
     dir_next: int = 0                     # index of the entry it gives next
     dir_pending: tuple | None = None      # an entry that did not fit the last reply
 
-    def close(self) -> None:
-        if self.dir_entries is not None:
-            self.dir_entries.close()
-            self.dir_entries = None
-        for fd in (self.io, self.fd):
-            if fd is not None:
-                os.close(fd)
-        self.io = self.fd = None
-
 
 class P9Server:
     """Serves 9P2000.L requests for the directory `root_fd` (see the module doc).
 
     `root_fd` and `proc_fd` (the process's /proc/self/fd, `open_proc_self_fd`) stay
-    the caller's; the server closes only the fds it opens (`close`)."""
+    the caller's; the server closes only the fds it opens (`close`). Every fd it
+    opens, held by a fid or only for the length of a request, is taken from `budget`
+    (the process's, shared with the other shares' servers, by default) when opened
+    and given back when closed: a request that would go beyond it is ENFILE."""
 
     def __init__(self, root_fd: int, proc_fd: int, uid_map: IdMap, gid_map: IdMap,
-                 max_msize: int = 512 * 1024, max_fids: int = 4096) -> None:
+                 max_msize: int = 512 * 1024, max_fids: int = 4096,
+                 budget: FdBudget | None = None) -> None:
         if not P.MIN_MSIZE <= max_msize <= 0xFFFF_FFFF:
             raise ValueError(f"max_msize {max_msize} is not in [{P.MIN_MSIZE}, 2^32)")
         if max_fids < 1:
@@ -130,6 +147,7 @@ class P9Server:
         self.gid_map = gid_map
         self.max_msize = max_msize
         self.max_fids = max_fids
+        self.budget = PROCESS_BUDGET if budget is None else budget
         self.msize = max_msize  # until a Tversion negotiates it
         st = os.fstat(root_fd)
         if not stat.S_ISDIR(st.st_mode):
@@ -175,6 +193,10 @@ class P9Server:
         self._room = room
         try:
             P.check_size(size, available, self.msize)
+            if room < _REPLY_LEN.get(msg_type, 0):
+                # Before acting: a file made, opened or a session reset that the
+                # guest is told failed would be a change it does not know of.
+                raise _err(errno.ENOBUFS, "the reply would not fit")
             body_len = size - P.HEADER_LEN
             if msg_type == P.TREAD:
                 return self._read(tag, reader.read(body_len), writer)
@@ -210,10 +232,49 @@ class P9Server:
     def _reset_fids(self) -> None:
         fids, self.fids = self.fids, {}
         for f in fids.values():
+            self._close_fid(f)
+
+    # -- fds: each one taken from the budget when opened, given back when closed ----------
+
+    def _take(self, opener, *args, **kwargs) -> int:
+        self.budget.take(1)
+        try:
+            return opener(*args, **kwargs)
+        except BaseException:
+            self.budget.give(1)
+            raise
+
+    def _open(self, path, flags: int, mode: int = 0o777, *, dir_fd: int) -> int:
+        return self._take(os.open, path, flags, mode, dir_fd=dir_fd)
+
+    def _dup(self, fd: int) -> int:
+        return self._take(os.dup, fd)
+
+    def _reopen(self, path_fd: int, flags: int) -> int:
+        return self._take(reopen, self.proc_fd, path_fd, flags)
+
+    def _close(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        finally:
+            self.budget.give(1)
+
+    def _close_fid(self, f: _Fid) -> None:
+        """Close what `f` holds, each fd once (the fields are cleared first), and give
+        them back to the budget, even when one close fails."""
+        stream, f.dir_entries, f.dir_pending = f.dir_entries, None, None
+        fds = [fd for fd in (f.io, f.fd) if fd is not None]
+        f.io = f.fd = None
+        if stream is not None:
             try:
-                f.close()
+                stream.close()  # its dup: closed and given back in `_entries`
+            except Exception:  # noqa: BLE001 - the fds below are closed regardless
+                log.exception("9p: closing a directory stream")
+        for fd in fds:
+            try:
+                self._close(fd)
             except OSError:
-                pass
+                log.exception("9p: closing fd %d", fd)
 
     # -- fids ------------------------------------------------------------------------------
 
@@ -263,38 +324,38 @@ class P9Server:
         if name == b"..":
             return self._parent(dir_fd)
         check_name(name)
-        return os.open(name, PATH_FLAGS, dir_fd=dir_fd)
+        return self._open(name, PATH_FLAGS, dir_fd=dir_fd)
 
     def _parent(self, dir_fd: int) -> int:
         st = os.fstat(dir_fd)
         if (st.st_dev, st.st_ino) == self.root_id:
-            return os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
-        parent = os.open("..", DIR_PATH_FLAGS, dir_fd=dir_fd)
+            return self._open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
+        parent = self._open("..", DIR_PATH_FLAGS, dir_fd=dir_fd)
         try:
             if not self._under_root(parent):
                 raise _err(errno.EACCES, "'..' leads out of the shared directory")
         except BaseException:
-            os.close(parent)
+            self._close(parent)
             raise
         return parent
 
     def _under_root(self, fd: int) -> bool:
         """Whether climbing '..' from directory `fd` meets the share's root."""
-        cur = os.dup(fd)
+        cur = self._dup(fd)
         try:
             for _ in range(MAX_ROOT_DEPTH):
                 st = os.fstat(cur)
                 if (st.st_dev, st.st_ino) == self.root_id:
                     return True
-                up = os.open("..", DIR_PATH_FLAGS, dir_fd=cur)
+                up = self._open("..", DIR_PATH_FLAGS, dir_fd=cur)
                 ust = os.fstat(up)
-                os.close(cur)
+                self._close(cur)
                 cur = up
                 if (ust.st_dev, ust.st_ino) == (st.st_dev, st.st_ino):
                     return False  # the host's / without passing the root
             return False
         finally:
-            os.close(cur)
+            self._close(cur)
 
     @staticmethod
     def _guest_mode(mode: int, is_dir: bool) -> int:
@@ -367,7 +428,7 @@ class P9Server:
     def _attach(self, tag: int, fid: int, afid: int, uname: bytes, aname: bytes,
                 n_uname: int) -> bytes:
         self._check_new_fid(fid)
-        fd = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
+        fd = self._open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
         self.fids[fid] = _Fid(fd, n_uname)
         return P.rattach(tag, self._qid(os.fstat(fd)))
 
@@ -379,7 +440,7 @@ class P9Server:
         if newfid != fid:
             self._check_new_fid(newfid)
         qids: list[P.Qid] = []
-        cur = os.dup(f.fd)
+        cur = self._dup(f.fd)
         try:
             for name in names:
                 try:
@@ -388,7 +449,7 @@ class P9Server:
                     if not qids:
                         raise
                     break  # a partial walk: the qids so far, no newfid
-                os.close(cur)
+                self._close(cur)
                 cur = nxt
                 qids.append(self._qid(os.fstat(cur)))
             reply = P.rwalk(tag, qids)
@@ -396,7 +457,7 @@ class P9Server:
                 raise _err(errno.ENOBUFS)
             if len(qids) == len(names):
                 if newfid == fid:
-                    f.close()
+                    self._close_fid(f)
                     f.fd = cur
                 else:
                     self.fids[newfid] = _Fid(cur, f.uid)
@@ -404,7 +465,7 @@ class P9Server:
             return reply
         finally:
             if cur >= 0:
-                os.close(cur)
+                self._close(cur)
 
     def _clunk(self, tag: int, fid: int) -> bytes:
         f = self.fids.pop(fid, None)
@@ -414,14 +475,14 @@ class P9Server:
             if f.xattr_name is not None:
                 self._commit_xattr(f)
         finally:
-            f.close()
+            self._close_fid(f)
         return P.rclunk(tag)
 
     def _remove(self, tag: int, fid: int) -> bytes:
         f = self.fids.pop(fid, None)
         if f is None:
             raise _err(errno.EBADF, f"no fid {fid}")
-        f.close()  # Tremove clunks, whatever else it does
+        self._close_fid(f)  # Tremove clunks, whatever else it does
         raise _err(errno.EOPNOTSUPP, "remove by fid: use Tunlinkat")
 
     def _statfs(self, tag: int, fid: int) -> bytes:
@@ -441,7 +502,14 @@ class P9Server:
             raise _err(errno.ELOOP, "a symlink is not opened")
         elif not stat.S_ISREG(st.st_mode):
             raise _err(errno.EPERM, "only regular files and directories are opened")
-        f.io = reopen(self.proc_fd, f.fd, host_flags)
+        io = self._reopen(f.fd, host_flags)
+        try:
+            if host_flags & os.O_TRUNC:
+                self._kill_priv(io)  # a truncation is a write
+        except BaseException:
+            self._close(io)
+            raise
+        f.io = io
         return P.rlopen(tag, self._qid(st), 0)
 
     def _lcreate(self, tag: int, fid: int, name: bytes, flags: int, mode: int,
@@ -453,26 +521,37 @@ class P9Server:
         perm = self._guest_mode(mode, False)
         host_flags = (self._io_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                       | os.O_CLOEXEC)
-        io = os.open(name, host_flags, perm & 0o777, dir_fd=f.fd)
-        path = -1
+        # Both fds are taken from the budget before the file is made: a guest at its
+        # limit gets ENFILE and no file, not a file it was told was not made.
+        self.budget.take(2)
+        io = path = -1
         try:
+            io = os.open(name, host_flags, perm & 0o777, dir_fd=f.fd)
             path = os.open(str(io), os.O_PATH | os.O_CLOEXEC, dir_fd=self.proc_fd)
             qid = self._finish_create(path, f.uid, gid, perm)
         except BaseException:
-            os.close(io)
-            if path >= 0:
-                os.close(path)
+            for fd in (io, path):
+                if fd >= 0:
+                    os.close(fd)
+            self.budget.give(2)
             raise
-        f.close()
+        self._close_fid(f)
         f.fd, f.io = path, io
         return P.rlcreate(tag, qid, 0)
 
-    def _created(self, dir_fd: int, name: bytes, uid: int, gid: int, mode: int | None) -> P.Qid:
-        fd = os.open(name, PATH_FLAGS, dir_fd=dir_fd)
+    def _create(self, f: _Fid, name: bytes, make, gid: int, mode: int | None) -> P.Qid:
+        """`make()` the file `name` in `f`'s directory, then its owner and mode. The fd
+        that takes is taken from the budget before anything is made."""
+        self.budget.take(1)
         try:
-            return self._finish_create(fd, uid, gid, mode)
+            make()
+            fd = os.open(name, PATH_FLAGS, dir_fd=f.fd)
+            try:
+                return self._finish_create(fd, f.uid, gid, mode)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            self.budget.give(1)
 
     def _symlink(self, tag: int, fid: int, name: bytes, target: bytes, gid: int) -> bytes:
         f = self._path_fid(fid)
@@ -481,8 +560,8 @@ class P9Server:
             raise _err(errno.EINVAL, "bad symlink target")
         if len(target) > MAX_SYMLINK_TARGET:
             raise _err(errno.ENAMETOOLONG, "symlink target too long")
-        os.symlink(target, name, dir_fd=f.fd)
-        return P.rsymlink(tag, self._created(f.fd, name, f.uid, gid, None))
+        return P.rsymlink(tag, self._create(
+            f, name, lambda: os.symlink(target, name, dir_fd=f.fd), gid, None))
 
     def _mknod(self, tag: int, dfid: int, name: bytes, mode: int, major: int, minor: int,
                gid: int) -> bytes:
@@ -492,15 +571,15 @@ class P9Server:
         if kind not in (stat.S_IFREG, stat.S_IFIFO):
             raise _err(errno.EPERM, "only regular files and fifos are made")
         perm = self._guest_mode(mode, False)
-        os.mknod(name, kind | (perm & 0o777), 0, dir_fd=f.fd)
-        return P.rmknod(tag, self._created(f.fd, name, f.uid, gid, perm))
+        return P.rmknod(tag, self._create(
+            f, name, lambda: os.mknod(name, kind | (perm & 0o777), 0, dir_fd=f.fd), gid, perm))
 
     def _mkdir(self, tag: int, dfid: int, name: bytes, mode: int, gid: int) -> bytes:
         f = self._path_fid(dfid)
         check_name(name)
         perm = self._guest_mode(mode, True)
-        os.mkdir(name, perm & 0o777, dir_fd=f.fd)
-        return P.rmkdir(tag, self._created(f.fd, name, f.uid, gid, perm))
+        return P.rmkdir(tag, self._create(
+            f, name, lambda: os.mkdir(name, perm & 0o777, dir_fd=f.fd), gid, perm))
 
     def _rename(self, tag: int, fid: int, dfid: int, name: bytes) -> bytes:
         self._path_fid(fid)
@@ -541,14 +620,16 @@ class P9Server:
                 raise _err(errno.EISDIR)
             if not stat.S_ISREG(st.st_mode):
                 raise _err(errno.EINVAL, "only regular files are truncated")
-            if f.io is not None and fcntl.fcntl(f.io, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            if f.io is not None and _writable(f.io):
+                self._kill_priv(f.io)
                 os.ftruncate(f.io, size)  # ftruncate(2) of an open file: no permission check
             else:
-                fd = reopen(self.proc_fd, f.fd, os.O_WRONLY | os.O_NONBLOCK)
+                fd = self._reopen(f.fd, os.O_WRONLY | os.O_NONBLOCK)
                 try:
+                    self._kill_priv(fd)
                     os.ftruncate(fd, size)
                 finally:
-                    os.close(fd)
+                    self._close(fd)
         if valid & (P.SETATTR_ATIME | P.SETATTR_MTIME):
             self._set_times(name, st, valid, atime_s, atime_ns, mtime_s, mtime_ns)
         return P.rsetattr(tag)
@@ -617,11 +698,27 @@ class P9Server:
             f.xattr[offset:offset + count] = reader.read(count)
             f.xattr_copied += count
             return P.rwrite(tag, count)
-        if f.io is None:
+        if f.io is None or not _writable(f.io):
             raise _err(errno.EBADF, "fid not open for writing")
         if offset > MAX_OFFSET:
             raise _err(errno.EINVAL, "offset beyond 2^63")
+        if count:
+            self._kill_priv(f.io)
         return P.rwrite(tag, reader.write_to_fd(f.io, count, offset))
+
+    @staticmethod
+    def _kill_priv(fd: int) -> None:
+        """Before a write or truncation of a regular file: clear S_ISUID, and S_ISGID
+        if group-executable, as the kernel does for a writer without CAP_FSETID (it
+        does not for the device running as root: a guest could rewrite a setuid
+        program the host keeps in the share and keep its setuid bit)."""
+        mode = os.fstat(fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if stat.S_ISREG(mode) and mode & kill:
+            try:
+                os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+            except PermissionError:
+                pass  # not the owner and not root: the kernel clears them at the write
 
     def _readdir(self, tag: int, fid: int, offset: int, count: int) -> bytes:
         f = self._path_fid(fid)
@@ -630,29 +727,39 @@ class P9Server:
         if not stat.S_ISDIR(os.fstat(f.fd).st_mode):
             raise _err(errno.ENOTDIR)
         count = min(count, self._room - P.IOHDR_LEN)
-        if f.dir_entries is None or offset != f.dir_next:
-            self._rewind(f)
-            while f.dir_next < offset and next(f.dir_entries, None) is not None:
+        try:
+            if f.dir_entries is None or offset != f.dir_next:
+                self._rewind(f)
+                while f.dir_next < offset and next(f.dir_entries, None) is not None:
+                    f.dir_next += 1
+            data = bytearray()
+            while True:
+                entry = f.dir_pending or next(f.dir_entries, None)
+                if entry is None:
+                    break
+                name, qid, d_type = entry
+                raw = P.dirent(qid, f.dir_next + 1, d_type, name)
+                if len(data) + len(raw) > count:
+                    f.dir_pending = entry
+                    break
+                data += raw
+                f.dir_pending = None
                 f.dir_next += 1
-        data = bytearray()
-        while True:
-            entry = f.dir_pending or next(f.dir_entries, None)
-            if entry is None:
-                break
-            name, qid, d_type = entry
-            raw = P.dirent(qid, f.dir_next + 1, d_type, name)
-            if len(data) + len(raw) > count:
-                f.dir_pending = entry
-                break
-            data += raw
-            f.dir_pending = None
-            f.dir_next += 1
+        except BaseException:
+            # A stream that failed is finished: kept, the next Treaddir at the same
+            # offset would read its end as the directory's.
+            self._drop_stream(f)
+            raise
         return P.rreaddir(tag, bytes(data))
 
+    def _drop_stream(self, f: _Fid) -> None:
+        stream, f.dir_entries, f.dir_next, f.dir_pending = f.dir_entries, None, 0, None
+        if stream is not None:
+            stream.close()
+
     def _rewind(self, f: _Fid) -> None:
-        if f.dir_entries is not None:
-            f.dir_entries.close()
-        f.dir_entries, f.dir_next, f.dir_pending = self._entries(f), 0, None
+        self._drop_stream(f)
+        f.dir_entries = self._entries(f)
 
     def _entries(self, f: _Fid) -> Iterator[tuple[bytes, P.Qid, int]]:
         """(name, qid, d_type) of '.', '..' and the directory's entries, in order."""
@@ -666,11 +773,17 @@ class P9Server:
                 pass
         yield b"..", self._qid(parent), stat.S_IFDIR >> 12
         os.lseek(f.io, 0, os.SEEK_SET)  # scandir's dup shares this fd's position
-        with os.scandir(f.io) as it:
-            for e in it:
-                mode = _entry_type(e)
-                qid = P.Qid(self._qid_type(mode), 0, self._qid_path(e.inode(), st.st_dev))
-                yield os.fsencode(e.name), qid, stat.S_IFMT(mode) >> 12
+        # scandir holds a dup of f.io until the stream ends or is closed: one more fd
+        # in the budget for as long (given back however the generator finishes).
+        self.budget.take(1)
+        try:
+            with os.scandir(f.io) as it:
+                for e in it:
+                    mode = _entry_type(e)
+                    qid = P.Qid(self._qid_type(mode), 0, self._qid_path(e.inode(), st.st_dev))
+                    yield os.fsencode(e.name), qid, stat.S_IFMT(mode) >> 12
+        finally:
+            self.budget.give(1)
 
     def _fsync(self, tag: int, fid: int, datasync: int) -> bytes:
         f = self._path_fid(fid)
@@ -732,9 +845,9 @@ class P9Server:
         what is never opened (symlinks, fifos, sockets, devices)."""
         mode = os.fstat(path_fd).st_mode
         if stat.S_ISREG(mode):
-            return reopen(self.proc_fd, path_fd, os.O_RDONLY | os.O_NONBLOCK)
+            return self._reopen(path_fd, os.O_RDONLY | os.O_NONBLOCK)
         if stat.S_ISDIR(mode):
-            return reopen(self.proc_fd, path_fd, os.O_RDONLY | os.O_DIRECTORY)
+            return self._reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
         return None
 
     @staticmethod
@@ -763,7 +876,7 @@ class P9Server:
                 value = b"".join(os.fsencode(n) + b"\0" for n in os.listxattr(fd))
         finally:
             if fd is not None:
-                os.close(fd)
+                self._close(fd)
         if len(value) > MAX_XATTR_SIZE:
             raise _err(errno.E2BIG, "xattr larger than 64 KiB")
         reply = P.rxattrwalk(tag, len(value))
@@ -781,9 +894,10 @@ class P9Server:
             raise _err(errno.EINVAL, "unknown xattr flags")
         if f.io is not None:
             raise _err(errno.EINVAL, "fid is open")
-        if name == b"security.capability" or name.startswith(b"trusted."):
-            # File capabilities are setuid by another name; trusted.* is the host's
-            # (overlayfs keeps its redirects there): the guest sets neither.
+        if not _guest_settable(name):
+            # security.* holds file capabilities (setuid by another name) and LSM
+            # labels, trusted.* is the host's (overlayfs keeps its redirects there):
+            # the guest sets and removes only user.* and the POSIX ACLs.
             raise _err(errno.EPERM, "xattr reserved to the host")
         f.xattr, f.xattr_name, f.xattr_flags, f.xattr_copied = bytearray(size), name, flags, 0
         return P.rxattrcreate(tag)
@@ -805,7 +919,16 @@ class P9Server:
                 value = _map_acl(value, self.uid_map.to_host, self.gid_map.to_host)
             os.setxattr(fd, f.xattr_name, value, f.xattr_flags)
         finally:
-            os.close(fd)
+            self._close(fd)
+
+
+def _writable(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+
+
+def _guest_settable(name: bytes) -> bool:
+    """Whether the guest may set or remove the xattr `name`."""
+    return name.startswith(b"user.") or name in ACL_XATTRS
 
 
 def _timespec(ns: int) -> tuple[int, int]:

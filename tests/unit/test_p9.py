@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crosvm.devices.virtio.descriptor_utils import Reader, Writer
+from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
 from crosvm.devices.virtio.fs.idmap import OVERFLOW_ID, IdMap
 from crosvm.devices.virtio.fs.reopen import open_proc_self_fd
 from crosvm.devices.virtio.queue import DescriptorChain
@@ -26,6 +27,11 @@ TAG = 7
 MSIZE = 64 * 1024
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="chown to another id needs root")
+# Without CAP_FSETID the kernel itself clears setuid on a write: only as root does a
+# test of the server's own clearing tell anything.
+needs_fsetid = pytest.mark.skipif(not IS_ROOT, reason="the kernel clears setuid for non-root")
+needs_mknod = pytest.mark.skipif(not IS_ROOT, reason="the kernel refuses device nodes to non-root")
+needs_sys_admin = pytest.mark.skipif(not IS_ROOT, reason="trusted.* xattrs need CAP_SYS_ADMIN")
 
 
 class Client:
@@ -503,10 +509,25 @@ def test_mknod_makes_a_fifo_on_the_host(share, c):
     assert stat.S_ISFIFO(os.lstat(share.path / "fifo").st_mode)
 
 
-@pytest.mark.parametrize("kind", [stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK],
-                         ids=["chr", "blk", "sock"])
+@pytest.mark.parametrize("kind", [pytest.param(stat.S_IFCHR, marks=needs_mknod, id="chr"),
+                                  pytest.param(stat.S_IFBLK, marks=needs_mknod, id="blk"),
+                                  pytest.param(stat.S_IFSOCK, id="sock")])
 def test_mknod_of_anything_but_a_file_or_fifo_is_eperm(share, c, kind):
-    assert c.error(P.TMKNOD, ROOT, b"dev", kind | 0o666, 1, 3, 0) == errno.EPERM
+    err = c.error(P.TMKNOD, ROOT, b"dev", kind | 0o666, 1, 3, 0)
+
+    assert (err, os.path.lexists(share.path / "dev")) == (errno.EPERM, False)
+
+
+def test_mknod_strips_setuid_and_setgid(share, c):
+    c.call(P.TMKNOD, ROOT, b"f", stat.S_IFREG | 0o6644, 0, 0, 0)
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o644
+
+
+def test_mkdir_strips_setuid_and_keeps_setgid(share, c):
+    c.call(P.TMKDIR, ROOT, b"d", 0o6755, 0)
+
+    assert stat.S_IMODE(os.stat(share.path / "d").st_mode) == 0o2755
 
 
 def test_symlink_makes_a_link_whose_target_readlink_returns(share, c):
@@ -611,6 +632,101 @@ def test_setattr_mode_changes_permissions(share, c):
     assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o711  # setuid stripped
 
 
+def test_setattr_mode_strips_setgid_from_a_file(share, c):
+    (share.path / "f").write_bytes(b"")
+    c.walk(ROOT, 2, b"f")
+
+    c.call(P.TSETATTR, 2, P.SETATTR_MODE, 0o2755, 0, 0, 0, 0, 0, 0, 0)
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o755
+
+
+def test_setattr_mode_keeps_setgid_on_a_directory(share, c):
+    (share.path / "d").mkdir()
+    c.walk(ROOT, 2, b"d")
+
+    c.call(P.TSETATTR, 2, P.SETATTR_MODE, 0o2750, 0, 0, 0, 0, 0, 0, 0)
+
+    assert stat.S_IMODE(os.stat(share.path / "d").st_mode) == 0o2750
+
+
+@needs_fsetid
+def test_write_clears_setuid_and_setgid_of_a_host_file(share, c):
+    (share.path / "f").write_bytes(b"#!/bin/sh\n")
+    os.chmod(share.path / "f", 0o6755)
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_WRONLY)
+
+    c.call(P.TWRITE, 2, 0, b"#!/bin/sh -x")
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o755
+
+
+@needs_fsetid
+def test_write_keeps_setgid_without_group_execute(share, c):
+    (share.path / "f").write_bytes(b"")
+    os.chmod(share.path / "f", 0o2640)  # not a setgid program: a mandatory-lock mark
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_WRONLY)
+
+    c.call(P.TWRITE, 2, 0, b"x")
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o2640
+
+
+def test_write_through_a_read_only_fid_keeps_setuid(share, c):
+    (share.path / "f").write_bytes(b"")
+    os.chmod(share.path / "f", 0o4755)
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
+
+    err = c.error(P.TWRITE, 2, 0, b"x")
+
+    assert (err, stat.S_IMODE(os.stat(share.path / "f").st_mode)) == (errno.EBADF, 0o4755)
+
+
+@needs_fsetid
+def test_setattr_size_clears_setuid_of_a_host_file(share, c):
+    (share.path / "f").write_bytes(b"12345")
+    os.chmod(share.path / "f", 0o4755)
+    c.walk(ROOT, 2, b"f")
+
+    c.call(P.TSETATTR, 2, P.SETATTR_SIZE, 0, 0, 0, 1, 0, 0, 0, 0)
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o755
+
+
+@needs_fsetid
+def test_lopen_with_trunc_clears_setuid_of_a_host_file(share, c):
+    (share.path / "f").write_bytes(b"12345")
+    os.chmod(share.path / "f", 0o4755)
+    c.walk(ROOT, 2, b"f")
+
+    c.call(P.TLOPEN, 2, P.DOTL_WRONLY | P.DOTL_TRUNC)
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o755
+
+
+def test_lopen_for_reading_keeps_setuid(share, c):
+    (share.path / "f").write_bytes(b"")
+    os.chmod(share.path / "f", 0o4755)
+    c.walk(ROOT, 2, b"f")
+
+    c.call(P.TLOPEN, 2, P.DOTL_RDWR)
+
+    assert stat.S_IMODE(os.stat(share.path / "f").st_mode) == 0o4755
+
+
+def test_getattr_of_a_file_deleted_on_the_host_reports_no_links(share, c):
+    (share.path / "f").write_bytes(b"12345")
+    c.walk(ROOT, 2, b"f")
+    os.unlink(share.path / "f")
+
+    _, attr = c.getattr(2)
+
+    assert (attr.nlink, attr.size) == (0, 5)
+
+
 def test_setattr_mtime_set_sets_that_time(share, c):
     (share.path / "f").write_bytes(b"")
     c.walk(ROOT, 2, b"f")
@@ -681,6 +797,16 @@ def _readdir_all(c: Client, fid: int, count: int) -> tuple[list[bytes], int]:
         while body.remaining():
             _qid, offset, _type, name = body.qid(), body.u64(), body.u8(), body.string()
             names.append(name)
+
+
+def _dirent_names(body: P.Decoder) -> list[bytes]:
+    """The names in an Rreaddir's body."""
+    body.u32()
+    names = []
+    while body.remaining():
+        body.qid(), body.u64(), body.u8()
+        names.append(body.string())
+    return names
 
 
 def test_readdir_lists_1000_files_across_several_calls(share, c):
@@ -792,13 +918,40 @@ def test_xattrcreate_over_64k_is_e2big(share, c):
     assert c.error(P.TXATTRCREATE, ROOT, b"user.big", (64 << 10) + 1, 0) == errno.E2BIG
 
 
-@pytest.mark.parametrize("name", [b"security.capability", b"trusted.overlay.redirect"],
-                         ids=["capability", "trusted"])
+@pytest.mark.parametrize("name", [b"security.capability", b"security.selinux",
+                                  b"trusted.overlay.redirect", b"system.nfs4_acl",
+                                  b"btrfs.compression"],
+                         ids=["capability", "selinux", "trusted", "system", "btrfs"])
 def test_xattrcreate_of_a_host_reserved_xattr_is_eperm(share, c, name):
     (share.path / "f").write_bytes(b"")
     c.walk(ROOT, 2, b"f")
 
     assert c.error(P.TXATTRCREATE, 2, name, 4, 0) == errno.EPERM
+
+
+@needs_sys_admin
+def test_xattr_removal_of_a_trusted_xattr_is_eperm_and_keeps_it(share, c):
+    (share.path / "f").write_bytes(b"")
+    os.setxattr(share.path / "f", "trusted.keep", b"1")
+    c.walk(ROOT, 2, b"f")
+
+    err = c.error(P.TXATTRCREATE, 2, b"trusted.keep", 0, P.XATTR_REPLACE)
+    c.call(P.TCLUNK, 2)
+
+    assert (err, os.listxattr(share.path / "f")) == (errno.EPERM, ["trusted.keep"])
+
+
+def test_xattrwalk_can_read_a_trusted_xattr_the_guest_cannot_set(share, c):
+    (share.path / "f").write_bytes(b"")
+    try:
+        os.setxattr(share.path / "f", "trusted.seen", b"yes")
+    except PermissionError:
+        pytest.skip("trusted.* xattrs need CAP_SYS_ADMIN")
+    c.walk(ROOT, 2, b"f")
+
+    c.call(P.TXATTRWALK, 2, 3, b"trusted.seen")
+
+    assert c.read(3, 0, 100) == b"yes"
 
 
 def test_posix_acl_ids_are_translated_to_the_host(tmp_path):
@@ -914,6 +1067,261 @@ def test_setattr_uid_translates_guest_to_host(tmp_path):
         s.close()
 
 
+# -- a hostile guest ------------------------------------------------------------------------------
+
+def test_link_of_a_symlink_fid_links_the_symlink_not_its_target(share, c, tmp_path):
+    (tmp_path / "secret").write_bytes(b"host")
+    os.symlink(tmp_path / "secret", share.path / "ln")
+    c.walk(ROOT, 2, b"ln")
+
+    c.call(P.TLINK, ROOT, 2, b"hard")
+
+    assert (os.path.islink(share.path / "hard"), os.stat(tmp_path / "secret").st_nlink) == (
+        True, 1)
+
+
+def test_walk_dotdot_at_root_does_not_reach_the_shares_siblings(share, c, tmp_path):
+    (tmp_path / "share-sibling").mkdir()  # what '..' of the share's root would reach
+
+    qids = c.qids(ROOT, 2, b"..", b"share-sibling")
+
+    assert [q.path for q in qids] == [os.stat(share.path).st_ino]  # a partial walk
+
+
+def test_lopen_of_a_host_socket_is_eperm(share, c):
+    os.mknod(share.path / "sock", stat.S_IFSOCK | 0o600)
+    c.walk(ROOT, 2, b"sock")
+
+    assert c.error(P.TLOPEN, 2, P.DOTL_RDWR) == errno.EPERM
+
+
+def test_read_at_an_offset_beyond_2_63_is_einval(share, c):
+    (share.path / "f").write_bytes(b"x")
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
+
+    assert c.error(P.TREAD, 2, 1 << 63, 10) == errno.EINVAL
+
+
+def test_write_at_an_offset_beyond_2_63_is_einval(share, c):
+    (share.path / "f").write_bytes(b"x")
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_WRONLY)
+
+    err = c.error(P.TWRITE, 2, (1 << 64) - 1, b"y")
+
+    assert (err, (share.path / "f").read_bytes()) == (errno.EINVAL, b"x")
+
+
+def test_readdir_at_the_largest_offset_is_empty(share, c):
+    (share.path / "f").write_bytes(b"")
+    c.walk(ROOT, 2)
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
+
+    rtype, body = c.call(P.TREADDIR, 2, (1 << 64) - 1, 0xFFFF_FFFF)
+
+    assert (rtype, body.u32()) == (P.RREADDIR, 0)
+
+
+def test_walk_to_nofid_is_einval(c):
+    assert c.error(P.TWALK, ROOT, P.NOFID, []) == errno.EINVAL
+
+
+def test_attach_to_nofid_is_einval(share):
+    share.client.call(P.TVERSION, MSIZE, b"9P2000.L")
+
+    assert share.client.error(P.TATTACH, P.NOFID, P.NOFID, b"u", b"", 0) == errno.EINVAL
+
+
+def test_xattrwalk_to_nofid_is_einval(c):
+    assert c.error(P.TXATTRWALK, ROOT, P.NOFID, b"") == errno.EINVAL
+
+
+def test_version_with_a_maximal_msize_negotiates_the_servers(share):
+    rtype, body = share.client.call(P.TVERSION, 0xFFFF_FFFF, b"9P2000.L")
+
+    assert (rtype, body.u32()) == (P.RVERSION, 512 * 1024)
+
+
+def test_lcreate_with_no_room_for_its_reply_makes_no_file(share, c):
+    c.walk(ROOT, 2)
+
+    reply = c.raw(P.tmessage(P.TLCREATE, TAG, 2, b"new", P.DOTL_RDWR, 0o644, 0), reply_len=20)
+
+    assert (reply, os.path.exists(share.path / "new")) == (
+        P.rlerror(TAG, errno.ENOBUFS), False)
+
+
+def test_version_with_no_room_for_its_reply_keeps_the_session(c):
+    c.raw(P.tmessage(P.TVERSION, TAG, MSIZE, b"9P2000.L"), reply_len=16)
+
+    rtype, _ = c.call(P.TGETATTR, ROOT, P.GETATTR_ALL)
+
+    assert rtype == P.RGETATTR
+
+
+# -- the fd budget --------------------------------------------------------------------------------
+
+@pytest.fixture
+def budget() -> FdBudget:
+    return FdBudget(limit=3)
+
+
+@pytest.fixture
+def tight(tmp_path, budget):
+    """A share whose server may hold 3 fds: the attached fid and two more."""
+    s = Share(tmp_path / "share", budget=budget)
+    (s.path / "f").write_bytes(b"")
+    yield s
+    s.close()
+
+
+def test_walk_beyond_the_fd_budget_is_enfile(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.walk(ROOT, 3)
+
+    assert c.error(P.TWALK, ROOT, 4, []) == errno.ENFILE
+
+
+def test_walk_after_a_clunk_at_the_fd_budget_succeeds(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.walk(ROOT, 3)
+    c.call(P.TCLUNK, 3)
+
+    assert c.error(P.TWALK, ROOT, 4, []) is None
+
+
+def test_lopen_beyond_the_fd_budget_is_enfile(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2, b"f")
+    c.walk(ROOT, 3)
+
+    assert c.error(P.TLOPEN, 2, P.DOTL_RDONLY) == errno.ENFILE
+
+
+def test_lcreate_beyond_the_fd_budget_is_enfile_and_makes_no_file(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2)  # 2 fds held; a create needs 2 more
+
+    err = c.error(P.TLCREATE, 2, b"new", P.DOTL_RDWR, 0o644, 0)
+
+    assert (err, os.path.exists(tight.path / "new")) == (errno.ENFILE, False)
+
+
+def test_mkdir_beyond_the_fd_budget_is_enfile_and_makes_no_directory(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.walk(ROOT, 3)
+
+    err = c.error(P.TMKDIR, ROOT, b"d", 0o755, 0)
+
+    assert (err, os.path.exists(tight.path / "d")) == (errno.ENFILE, False)
+
+
+def test_readdir_after_an_enfile_lists_from_the_same_offset(tight):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)  # 3 fds: no room for the stream's own
+    c.call(P.TREADDIR, 2, 0, 4096)      # ENFILE after '.' and '..'
+    c.call(P.TCLUNK, ROOT)
+
+    _, body = c.call(P.TREADDIR, 2, 2, 4096)
+
+    assert _dirent_names(body) == [b"f"]
+
+
+def test_budget_counts_each_fd_a_fid_holds(tight, budget):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
+
+    assert budget.held == 3
+
+
+def test_clunk_gives_the_fids_fds_back_to_the_budget(tight, budget):
+    c = tight.mount()
+    c.walk(ROOT, 2)
+    c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
+
+    c.call(P.TCLUNK, 2)
+
+    assert budget.held == 1
+
+
+
+
+def _busy_session(c: Client) -> None:
+    """Fids holding every kind of fd: path fds, open files, a directory stream part
+    read, an xattr value."""
+    c.walk(ROOT, 2, b"f")
+    c.call(P.TLOPEN, 2, P.DOTL_RDWR)
+    c.walk(ROOT, 3)
+    c.call(P.TLOPEN, 3, P.DOTL_RDONLY)
+    c.call(P.TREADDIR, 3, 0, 60)  # '.', '..', then 'f' does not fit: the stream stays
+    c.call(P.TXATTRWALK, 2, 4, b"")
+    c.walk(ROOT, 5)
+    c.call(P.TLCREATE, 5, b"new", P.DOTL_WRONLY, 0o600, 0)
+
+
+@pytest.fixture
+def roomy(tmp_path):
+    s = Share(tmp_path / "share", budget=FdBudget(limit=100))
+    (s.path / "f").write_bytes(b"")
+    yield s
+    s.close()
+
+
+def test_busy_session_holds_fds_in_the_budget(roomy):
+    _busy_session(roomy.mount())
+
+    # ROOT 1; fid 2: path and file 2; fid 3: path, directory and stream 3; fid 5: 2
+    assert roomy.server.budget.held == 8
+
+
+def test_walk_to_the_same_fid_keeps_its_one_fd(roomy):
+    (roomy.path / "d").mkdir()
+    c = roomy.mount()
+    c.walk(ROOT, 2)
+
+    c.walk(2, 2, b"d")
+
+    assert (c.getattr(2)[0].path, roomy.server.budget.held) == (
+        os.stat(roomy.path / "d").st_ino, 2)
+
+
+def test_version_gives_every_fd_back_to_the_budget(roomy):
+    c = roomy.mount()
+    _busy_session(c)
+
+    c.call(P.TVERSION, MSIZE, b"9P2000.L")
+
+    assert roomy.server.budget.held == 0
+
+
+def test_close_gives_every_fd_back_to_the_budget(roomy):
+    _busy_session(roomy.mount())
+
+    roomy.server.close()
+
+    assert roomy.server.budget.held == 0
+
+
+def test_version_closes_every_fd(roomy):
+    before = _open_fds()
+    c = roomy.mount()
+    _busy_session(c)
+
+    c.call(P.TVERSION, MSIZE, b"9P2000.L")
+
+    assert _open_fds() == before
+
+
+def test_server_uses_the_process_budget_by_default(share):
+    assert share.server.budget is PROCESS_BUDGET
+
+
 # -- malformed requests ---------------------------------------------------------------------------
 
 def test_unknown_message_type_gets_rlerror(c):
@@ -976,7 +1384,7 @@ def test_close_releases_every_fd(tmp_path):
     c.call(P.TLOPEN, 2, P.DOTL_RDONLY)
     c.walk(ROOT, 3)
     c.call(P.TLOPEN, 3, P.DOTL_RDONLY)
-    c.call(P.TREADDIR, 3, 0, 100)
+    c.call(P.TREADDIR, 3, 0, 60)  # '.' and '..' fit, 'f' does not: the stream stays open
 
     try:
         s.server.close()
