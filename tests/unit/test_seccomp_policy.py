@@ -115,6 +115,21 @@ def test_common_policy_allows_no_process_creation_sockets_or_exec():
                           "connect", "bind", "mount", "unshare", "setns", "process_vm_writev"}
 
 
+def test_file_server_policy_allows_no_process_creation_sockets_or_exec():
+    allowed = load_policy(Path(DEFAULT_SECCOMP_POLICY_DIR) / "file_server.policy").syscalls()
+
+    assert not allowed & {"fork", "vfork", "execve", "execveat", "socket", "ptrace",
+                          "connect", "bind", "mount", "unshare", "setns", "process_vm_writev",
+                          "setrlimit"}
+
+
+def test_test_probe_policy_loads_with_its_includes():
+    probe = Path(__file__).resolve().parent.parent / "support" / "sandbox_probe.policy"
+
+    common = load_policy(Path(DEFAULT_SECCOMP_POLICY_DIR) / "common_device.policy").syscalls()
+    assert load_policy(probe).syscalls() == common
+
+
 def test_return_of_a_constant_that_is_not_an_errno_is_rejected():
     with pytest.raises(PolicyError, match="bad errno 'PROT_READ'"):
         parse_expression("openat", "return PROT_READ")
