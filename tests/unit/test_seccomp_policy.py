@@ -105,6 +105,8 @@ def test_shipped_policy_compiles_to_bpf(path):
 def test_every_device_policy_includes_the_common_one():
     common = load_policy(Path(DEFAULT_SECCOMP_POLICY_DIR) / "common_device.policy").syscalls()
     for path in Path(DEFAULT_SECCOMP_POLICY_DIR).glob("*.policy"):
+        if path.stem == "base_device":  # what common_device itself is built on
+            continue
         assert common <= load_policy(path).syscalls(), path.name
 
 
