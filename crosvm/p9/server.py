@@ -62,6 +62,7 @@ from typing import Iterator
 from crosvm.devices.virtio.descriptor_utils import WorkerStopping
 from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
+from crosvm.devices.virtio.fs import names
 from crosvm.devices.virtio.fs.names import check_name
 from crosvm.devices.virtio.fs.reopen import reopen
 from crosvm.p9 import protocol as P
@@ -76,7 +77,7 @@ MAX_SYMLINK_TARGET = 4095         # PATH_MAX less the NUL
 MAX_ROOT_DEPTH = 4096             # directories climbed checking a '..' is under the root
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_PATH_FLAGS = PATH_FLAGS | os.O_DIRECTORY
-ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+ACL_XATTRS = tuple(n.encode() for n in names.ACL_XATTRS)
 _NO_QID = P.Qid(0, 0, 0)
 # Replies longer than an Rlerror to requests that change something: the room for
 # them is checked before the request acts (the others are checked before they act,
@@ -927,8 +928,8 @@ def _writable(fd: int) -> bool:
 
 
 def _guest_settable(name: bytes) -> bool:
-    """Whether the guest may set or remove the xattr `name`."""
-    return name.startswith(b"user.") or name in ACL_XATTRS
+    """Whether the guest may set or remove the xattr `name` (names.guest_may_set_xattr)."""
+    return names.guest_may_set_xattr(name.decode("utf-8", "surrogateescape"))
 
 
 def _timespec(ns: int) -> tuple[int, int]:

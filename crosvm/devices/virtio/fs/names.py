@@ -24,3 +24,14 @@ def check_name(name: bytes, allow_dots: bool = False) -> bytes:
     if name in (b".", b"..") and not allow_dots:
         raise OSError(errno.EINVAL, "'.' or '..' as a name")
     return name
+
+
+# The POSIX ACL xattrs (their values hold uids and gids, translated through the maps).
+ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def guest_may_set_xattr(name: str) -> bool:
+    """Whether a guest may set or remove the xattr `name` on a shared file: user.* and
+    the POSIX ACLs only. trusted.* and security.* (overlayfs redirects, SELinux labels,
+    file capabilities) and other system.* names are the host's: the device may be root."""
+    return name.startswith("user.") or name in ACL_XATTRS

@@ -65,7 +65,7 @@ from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, WorkerSt
 from crosvm.devices.virtio.fs import fuse as F
 from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
 from crosvm.devices.virtio.fs.idmap import IdMap
-from crosvm.devices.virtio.fs.names import NAME_MAX, check_name
+from crosvm.devices.virtio.fs.names import ACL_XATTRS, NAME_MAX, check_name, guest_may_set_xattr
 from crosvm.devices.virtio.fs.reopen import reopen
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ _NO_ID = 0xFFFF_FFFF        # chown's "leave it"
 _OPEN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
 _SETID = stat.S_ISUID | stat.S_ISGID
 _PERMS = 0o1777             # what guest modes may set: rwx bits and sticky
-_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+_ACL_NAMES = ACL_XATTRS
 _ACL_USER, _ACL_GROUP = 0x02, 0x08
 _ACL_HEADER, _ACL_ENTRY = struct.Struct("<I"), struct.Struct("<HHI")
 _DIRENT64 = struct.Struct("<QqHB")          # linux_dirent64 without the name
@@ -1133,7 +1133,7 @@ def _check_settable(name: str) -> None:
     """EPERM unless the guest may set or remove the xattr `name`: user.* and the POSIX
     ACLs only. trusted.* and security.* (overlayfs redirects, SELinux labels, file
     capabilities) and the other system.* names are the host's: the device may be root."""
-    if not (name.startswith("user.") or name in _ACL_NAMES):
+    if not guest_may_set_xattr(name):
         raise OSError(errno.EPERM, f"the guest may not set the {name} xattr")
 
 
