@@ -21,14 +21,15 @@ pytestmark = pytest.mark.e2e
 
 KINDS = sorted(MOUNTS)
 # What the guest does in each share (`$m` is its mount point), in order. One line: the
-# agent takes one command per line.
+# agent takes one command per line. Chained with && and safe to run twice: a process the
+# host's platform fault kills fails the whole command, which the harness runs again.
 SHARE_OPS = [
     "echo written by the guest > $m/written.txt",
     "echo r > $m/before.txt", "mv $m/before.txt $m/after.txt",
     "echo 0123456789 > $m/t.txt", "truncate -s 4 $m/t.txt", "chmod 640 $m/t.txt",
-    "echo l > $m/orig.txt", "ln $m/orig.txt $m/hard.txt",
-    "ln -s some/target $m/sym",
-    "mkdir $m/made", "rmdir $m/to_remove",
+    "echo l > $m/orig.txt", "ln -f $m/orig.txt $m/hard.txt",
+    "ln -sf some/target $m/sym",
+    "mkdir -p $m/made", "{ [ ! -d $m/to_remove ] || rmdir $m/to_remove; }",
     "echo leaving > $m/leaving.txt", "mv $m/leaving.txt $m/../leaving.txt",
 ]
 
@@ -37,15 +38,22 @@ SHARE_OPS = [
 def guest_changes(vm):
     """The guest's writes in every share, once per VM; each test checks one effect."""
     mounts = " ".join(MOUNTS[k] for k in KINDS)
-    return vm.run(f"for m in {mounts}; do {'; '.join(SHARE_OPS)}; done; "
-                  f"echo new > {UGID_MOUNT}/created.txt; sync")
+    return vm.run(f"for m in {mounts}; do {' && '.join(SHARE_OPS)} || exit 1; done && "
+                  f"echo new > {UGID_MOUNT}/created.txt && sync")
 
 
-def outputs_per_kind(vm, command: str) -> dict[str, str]:
+def outputs_per_kind(vm, command: str, must_succeed: bool = True) -> dict[str, str]:
     """`command` (with `$m` for the mount point) run in the guest for each share; its
-    standard output and error per share."""
+    standard output and error per share. With `must_succeed` the parts are chained
+    (pipefail too), so a process killed by the host's platform fault fails the whole
+    command and the harness runs it again, instead of a silently short output."""
     marker = "=====pycrosvm-share====="
-    result = vm.run("; ".join(f"m={MOUNTS[k]}; {command} 2>&1; echo {marker}" for k in KINDS))
+    if must_succeed:
+        parts = [f"m={MOUNTS[k]} && {{ {command}; }} 2>&1 && echo {marker}" for k in KINDS]
+        result = vm.run("set -o pipefail; " + " && ".join(parts))
+    else:
+        parts = [f"m={MOUNTS[k]}; {command} 2>&1; echo {marker}" for k in KINDS]
+        result = vm.run("; ".join(parts))
     return dict(zip(KINDS, result.stdout.split(marker + "\n")))
 
 
@@ -139,7 +147,7 @@ def test_file_the_guest_creates_gets_the_mapped_host_ids(vm, guest_changes):
 
 
 def test_host_symlink_to_etc_passwd_does_not_read_the_host_file(vm):
-    outputs = outputs_per_kind(vm, "cat $m/evil_abs")
+    outputs = outputs_per_kind(vm, "cat $m/evil_abs", must_succeed=False)
 
     with open("/etc/passwd") as f:
         first_line = f.readline().strip()
@@ -147,7 +155,7 @@ def test_host_symlink_to_etc_passwd_does_not_read_the_host_file(vm):
 
 
 def test_host_symlink_out_of_the_share_does_not_read_outside(vm):
-    outputs = outputs_per_kind(vm, "cat $m/evil_rel")
+    outputs = outputs_per_kind(vm, "cat $m/evil_rel", must_succeed=False)
 
     secret = OUTSIDE_SECRET.decode().strip()
     assert {k: secret in out for k, out in outputs.items()} == {k: False for k in KINDS}
