@@ -61,7 +61,7 @@ from typing import Iterator
 
 from crosvm.devices.virtio.descriptor_utils import WorkerStopping
 from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
-from crosvm.devices.virtio.fs.idmap import IdMap
+from crosvm.devices.virtio.fs.idmap import IdMap, host_owner
 from crosvm.devices.virtio.fs import names
 from crosvm.devices.virtio.fs.names import check_name
 from crosvm.devices.virtio.fs.reopen import reopen
@@ -611,11 +611,9 @@ class P9Server:
         if valid & P.SETATTR_MODE:
             self._chmod(f.fd, self._guest_mode(mode, stat.S_ISDIR(st.st_mode)))
         if valid & (P.SETATTR_UID | P.SETATTR_GID):
-            host_uid = self.uid_map.to_host(uid) if valid & P.SETATTR_UID else -1
-            host_gid = self.gid_map.to_host(gid) if valid & P.SETATTR_GID else -1
-            if host_uid is None or host_gid is None:
-                raise _err(errno.EINVAL, "the id has no host mapping")
-            os.chown(name, host_uid, host_gid, dir_fd=self.proc_fd)
+            os.chown(name, *host_owner(
+                self.uid_map, self.gid_map, uid if valid & P.SETATTR_UID else None,
+                gid if valid & P.SETATTR_GID else None), dir_fd=self.proc_fd)
         if valid & P.SETATTR_SIZE:
             if stat.S_ISDIR(st.st_mode):
                 raise _err(errno.EISDIR)

@@ -8,6 +8,7 @@ the kernel translates and the servers see the inner ids (`IdMap.inner_only`).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 # What the kernel shows for an id with no mapping (/proc/sys/kernel/overflowuid).
@@ -97,3 +98,14 @@ class IdMap:
     def proc_text(self) -> str:
         """The map as /proc/PID/uid_map takes it."""
         return "".join(f"{r.inner} {r.outer} {r.count}\n" for r in self.ranges)
+
+
+def host_owner(uid_map: IdMap, gid_map: IdMap, uid: int | None,
+               gid: int | None) -> tuple[int, int]:
+    """(uid, gid) for a chown the guest asks for (None: leave it, -1 to chown); an id
+    with no host mapping is EINVAL, as the kernel answers in a user namespace."""
+    host_uid = -1 if uid is None else uid_map.to_host(uid)
+    host_gid = -1 if gid is None else gid_map.to_host(gid)
+    if host_uid is None or host_gid is None:
+        raise OSError(errno.EINVAL, "the id has no host mapping")
+    return host_uid, host_gid

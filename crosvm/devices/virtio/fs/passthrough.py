@@ -64,7 +64,7 @@ from typing import Iterator
 from crosvm.devices.virtio.descriptor_utils import Reader, ShortBuffer, WorkerStopping, Writer
 from crosvm.devices.virtio.fs import fuse as F
 from crosvm.devices.virtio.fs.fdbudget import PROCESS_BUDGET, FdBudget
-from crosvm.devices.virtio.fs.idmap import IdMap
+from crosvm.devices.virtio.fs.idmap import IdMap, host_owner
 from crosvm.devices.virtio.fs.names import ACL_XATTRS, NAME_MAX, check_name, guest_may_set_xattr
 from crosvm.devices.virtio.fs.reopen import reopen
 
@@ -545,11 +545,9 @@ class PassthroughFs:
         with self._inode(hdr.nodeid) as inode:
             proc_name = str(inode.fd)  # /proc/self/fd/N: the inode itself, never a path
             if valid & (F.FATTR_UID | F.FATTR_GID):
-                host_uid = self.uid_map.to_host(uid) if valid & F.FATTR_UID else -1
-                host_gid = self.gid_map.to_host(gid) if valid & F.FATTR_GID else -1
-                if host_uid is None or host_gid is None:
-                    raise OSError(errno.EINVAL, "unmapped uid or gid")
-                os.chown(proc_name, host_uid, host_gid, dir_fd=self.proc_fd)
+                os.chown(proc_name, *host_owner(
+                    self.uid_map, self.gid_map, uid if valid & F.FATTR_UID else None,
+                    gid if valid & F.FATTR_GID else None), dir_fd=self.proc_fd)
             if valid & F.FATTR_MODE:
                 if inode.type == stat.S_IFLNK:
                     raise OSError(errno.EOPNOTSUPP, "mode of a symlink")

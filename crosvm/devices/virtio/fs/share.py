@@ -11,8 +11,6 @@ is reopened for I/O. Without the sandbox the servers translate ids themselves.
 from __future__ import annotations
 
 import os
-from typing import Callable
-
 from crosvm.base import Event
 from crosvm.config import SharedDirOption
 from crosvm.devices.virtio import virtio_device as V
@@ -99,13 +97,12 @@ class SharedDirDevice(V.VirtioDevice):
         """Every queue's chains go to the one server, one request at a time."""
         self.server = server = self.make_server()
 
-        def handler(queue: Queue) -> Callable[[DescriptorChain], int]:
-            return lambda chain: server.handle(Reader(mem, chain), Writer(mem, chain))
+        def handle_chain(chain: DescriptorChain) -> int:
+            return server.handle(Reader(mem, chain), Writer(mem, chain))
 
-        handlers = {i: (q, handler(q)) for i, (_, q, _) in enumerate(queues)}
         self.worker = V.QueueWorker(
             self.debug_label(), interrupt, [(i, e) for i, (_, _, e) in enumerate(queues)],
-            lambda i: V.process_queue(mem, handlers[i][0], interrupt, handlers[i][1]))
+            lambda i: V.process_queue(mem, queues[i][1], interrupt, handle_chain))
 
     def reset(self) -> bool:
         stopped = super().reset()
