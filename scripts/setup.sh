@@ -32,3 +32,8 @@ if ! (cd / && python3 -c 'import os, sys, crosvm, pytest, hypothesis, atheris, p
 sys.exit(os.path.dirname(os.path.dirname(crosvm.__file__)) != sys.argv[1])' "$here") 2>/dev/null; then
     python3 -m pip install -q -e '.[test]'
 fi
+
+# Byte-compile the package (incremental: only changed files). An editable install
+# compiles nothing, and where PYTHONDONTWRITEBYTECODE is set no .pyc is ever written, so
+# every `crosvm run` would compile its ~90 modules again: 83 ms of a 167 ms start here.
+python3 -m compileall -q crosvm >/dev/null

@@ -7,8 +7,6 @@ import sys
 from typing import Any
 
 from crosvm import __version__
-from crosvm.cli.control_commands import COMMANDS as CONTROL_COMMANDS, ControlUsageError
-from crosvm.cli.disk_commands import cmd_create_composite, cmd_create_qcow2
 from crosvm.cli.config_file import ConfigFileError, build_config, load_cfg, merge, normalize
 from crosvm.cli.options import BY_LONG, BY_SHORT, run_help
 from crosvm.cli.output import StdoutError, write_stdout
@@ -206,9 +204,34 @@ def cmd_stop(args: list[str]) -> int:
     return 0
 
 
+def _disk_command(name: str):
+    """A disk-image command, imported when used: `crosvm run` never needs them."""
+    def command(args: list[str]) -> int:
+        from crosvm.cli import disk_commands
+        return getattr(disk_commands, f"cmd_{name}")(args)
+    return command
+
+
+CONTROL_COMMAND_NAMES = ("suspend", "resume", "powerbtn", "sleepbtn", "gpe", "disk",
+                         "balloon", "balloon_stats")
+
+
+def _control_command(name: str):
+    """A control-socket command, imported when used (json, the client) and with its
+    usage errors as ours (exit 35)."""
+    def command(args: list[str]) -> int:
+        from crosvm.cli.control_commands import COMMANDS as CONTROL, ControlUsageError
+        try:
+            return CONTROL[name](args)
+        except ControlUsageError as e:
+            raise UsageError(str(e)) from None
+    return command
+
+
 COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version,
-            "create_qcow2": cmd_create_qcow2, "create_composite": cmd_create_composite,
-            **CONTROL_COMMANDS}
+            "create_qcow2": _disk_command("create_qcow2"),
+            "create_composite": _disk_command("create_composite"),
+            **{name: _control_command(name) for name in CONTROL_COMMAND_NAMES}}
 
 
 def check_utf8(args: list[str]) -> None:
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(args)
-    except (UsageError, ControlUsageError) as e:
+    except UsageError as e:
         return _fail(str(e).split("\n")[0], ExitCode.INVALID_ARGS)
     except StdoutError as e:  # a closed pipe has an empty message: exit 1, quietly
         return _fail(e.message, ExitCode.ERROR)

@@ -13,6 +13,7 @@ sends is unpickled or executed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -170,7 +171,10 @@ class DeviceProcess:
         jail_config = device.jail_config() if hasattr(device, "jail_config") else JailConfig()
         id_map = (IdMapRequest(jail_config.uid_map, jail_config.gid_map)
                   if jail is not None and os.geteuid() == 0 else None)
-        pid = os.fork()
+        # Objects that exist now are never collected in the device: its collector would
+        # write to every one of them and copy the VMM's whole heap into the device.
+        gc.freeze()
+        pid = jail.fork() if jail is not None else os.fork()
         if pid == 0:  # the device process
             status = 1
             try:
@@ -193,8 +197,9 @@ class DeviceProcess:
             finally:
                 os._exit(status)
         child_sock.close()
-        if id_map is not None:
-            id_map.serve(pid)
+        # Mapped later (`map_ids`, or before the first request): the VMM forks the next
+        # device while this one unshares, rather than waiting for it.
+        self._id_map = id_map
         self.pid = pid
         self.sock = parent_sock
         # No timeout: a device that is slow (its host output blocks, say) is not dead.
@@ -212,6 +217,7 @@ class DeviceProcess:
         with self._lock:
             if self.dead:
                 raise DeviceDied(self.name)
+            self.map_ids()
             try:
                 self.sock.send(REQ.pack(op, index, length, offset, extra) + bytes(data))
                 out, actions = parse_reply(self.sock.recv(MAX_MSG))
@@ -225,11 +231,19 @@ class DeviceProcess:
                 on_actions(actions)
             return out
 
+    def map_ids(self) -> None:
+        """Map the device's user namespace once it asks (a root VMM's part of the jail);
+        the device waits in its jail until then. Idempotent."""
+        id_map, self._id_map = self._id_map, None
+        if id_map is not None:
+            id_map.serve(self.pid)
+
     def shutdown(self) -> None:
         """Ask the device to stop (it flushes and exits), and wake any vCPU still waiting
         on it: the socket is shut down even if a request is in flight."""
         if self._lock.acquire(timeout=SHUTDOWN_LOCK_TIMEOUT):
             try:
+                self.map_ids()  # a device never mapped would wait in its jail, not stop
                 if not self.dead:
                     try:
                         self.sock.send(REQ.pack(OP_SHUTDOWN, 0, 0, 0, 0))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-import uuid
 import zlib
 
 from crosvm.disk.disk_file import DiskError, DiskFile
@@ -29,7 +28,8 @@ GPT_ENTRIES_BYTES = GPT_ENTRIES * GPT_ENTRY_SIZE          # 32 sectors
 PARTITION_ALIGN = 4096
 HEADER_BYTES = -(-(2 * SECTOR + GPT_ENTRIES_BYTES) // PARTITION_ALIGN) * PARTITION_ALIGN
 FOOTER_BYTES = GPT_ENTRIES_BYTES + SECTOR
-LINUX_FILESYSTEM = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+# The GPT type GUID 0FC63DAF-8483-4772-8E79-3D69D8477DE4 in its on-disk byte order.
+LINUX_FILESYSTEM_LE = bytes.fromhex("AF3DC60F838472478E793D69D8477DE4")
 
 
 # -- protobuf (the few wire types the message uses) -----------------------------------
@@ -218,7 +218,7 @@ class CompositeDisk(DiskFile):
 
 
 # -- create_composite ----------------------------------------------------------------
-def _gpt_header(current: int, backup: int, first: int, last: int, disk_guid: uuid.UUID,
+def _gpt_header(current: int, backup: int, first: int, last: int, disk_guid: "uuid.UUID",
                 entries_lba: int, entries_crc: int) -> bytes:
     fields = [b"EFI PART", 0x00010000, 92, 0, 0, current, backup, first, last,
               disk_guid.bytes_le, entries_lba, GPT_ENTRIES, GPT_ENTRY_SIZE, entries_crc]
@@ -231,6 +231,7 @@ def _gpt_header(current: int, backup: int, first: int, last: int, disk_guid: uui
 def create_composite(path: str, partitions: list[tuple[str, str, bool]]) -> None:
     """Write a composite disk at `path` with a GPT holding `partitions` (label, file,
     writable); the GPT lives in `<path minus extension>.header` and `.footer` files."""
+    import uuid  # only when creating: uuid imports platform, which `run` never needs
     stem = os.path.splitext(path)[0]
     header_path, footer_path = stem + ".header", stem + ".footer"
     entries = bytearray()
@@ -246,7 +247,7 @@ def create_composite(path: str, partitions: list[tuple[str, str, bool]]) -> None
         name = label.encode("utf-16-le")
         if len(name) > 72:
             raise DiskError(f"partition label '{label}' is longer than 36 characters")
-        entries += struct.pack("<16s16sQQQ72s", LINUX_FILESYSTEM.bytes_le, uuid.uuid4().bytes_le,
+        entries += struct.pack("<16s16sQQQ72s", LINUX_FILESYSTEM_LE, uuid.uuid4().bytes_le,
                                offset // SECTOR, (offset + size) // SECTOR - 1, 0, name)
         components.append((os.path.abspath(part), offset, writable))
         offset = -(-(offset + size) // PARTITION_ALIGN) * PARTITION_ALIGN

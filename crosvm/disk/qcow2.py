@@ -16,7 +16,6 @@ leaks them, which `qemu-img check -r leaks` repairs, but never corrupts).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 import sys
@@ -87,7 +86,8 @@ class _Zstd:
     def load(cls) -> None:
         """Load libzstd now: a jailed device cannot find or open libraries later."""
         if cls.lib is None:
-            name = ctypes.util.find_library("zstd")
+            from ctypes.util import find_library  # spawns ldconfig: only when zstd is needed
+            name = find_library("zstd")
             if name is None:
                 raise DiskError("zstd-compressed qcow2 clusters need libzstd")
             lib = ctypes.CDLL(name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -12,7 +11,7 @@ from typing import Sequence
 from crosvm.base.hostfile import REGULAR_OR_BLOCK, HostFileError, open_host_file
 from crosvm.disk.disk_file import DiskError, DiskFile
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -4,7 +4,9 @@
 PID, mount, IPC, UTS and network namespaces; root inside is mapped to the invoking user,
 or, for a VMM run as root, to an unused, unprivileged uid and gid (`JAIL_ID`, mapped
 by the VMM from outside, as minijail does), so a device never runs as the host's root.
-It forks once more so the device becomes PID 1 of its namespace, pivots into an empty
+The device is PID 1 of its own PID namespace: a VMM that may create PID namespaces (root)
+forks it straight into one (`Jail.fork`); otherwise `enter` forks once more and the
+first child waits for the device. It pivots into an empty
 directory mounted read-only, becomes root of its namespace, drops every capability,
 caps RLIMIT_NOFILE, RLIMIT_DATA (its heap: guest memory is a shared mapping and does
 not count) and RLIMIT_CORE (0), becomes non-dumpable, sets NO_NEW_PRIVS and, last,
@@ -14,19 +16,17 @@ installs the device's seccomp filter (compiled in the VMM before the fork).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import resource
 import signal
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from crosvm.jail.policy import PolicyError, load_policy
 from crosvm.jail.seccomp import ACT_KILL_PROCESS, ACT_LOG, SeccompError, compile_filter, load_filter
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded; find_library spawns ldconfig
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -62,7 +62,8 @@ DEFAULT_MAX_DATA_BYTES = 256 << 20
 # The outside identity of device processes of a VMM run as root: no account has it and
 # no file belongs to it, so a device that escapes its namespaces owns nothing.
 JAIL_ID = 0x7FFF_FF00
-DEFAULT_SECCOMP_POLICY_DIR = str(Path(__file__).resolve().parent.parent / "seccomp" / "x86_64")
+DEFAULT_SECCOMP_POLICY_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "seccomp", "x86_64")
 
 
 class JailError(Exception):
@@ -188,6 +189,37 @@ class Jail:
     seccomp_policy_dir: str = DEFAULT_SECCOMP_POLICY_DIR
     seccomp_log_failures: bool = False
     _filters: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # The VMM's own PID namespace (to return to after each fork), or False once making
+    # one failed (not root): then `enter` makes the namespace and an intermediate process.
+    _own_pid_ns: "int | bool | None" = field(default=None, repr=False)
+    _in_new_pid_ns: bool = field(default=False, repr=False)  # set in a `fork` child
+
+    def fork(self) -> int:
+        """`os.fork()` for a device process, the child already PID 1 of a new PID
+        namespace when the VMM may make one: then `enter` needs no process in between
+        to wait for the device (one process per device, not two, and less to fork).
+
+        Only the calling thread's children go to the new namespace, and the thread is
+        back in its own before this returns (a thread cannot start threads while its
+        children's namespace differs from its own)."""
+        if self._own_pid_ns is None:
+            try:
+                self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._own_pid_ns = False
+        if self._own_pid_ns is False or _libc.unshare(CLONE_NEWPID) != 0:
+            self._own_pid_ns = False
+            return os.fork()
+        try:
+            pid = os.fork()
+        finally:
+            # In the child too: its own namespace is now the new one, which setns
+            # refuses to leave for an ancestor; only the parent must (and can) go back.
+            if os.getpid() != 1:
+                _check("setns(own PID namespace)", _libc.setns(self._own_pid_ns, CLONE_NEWPID))
+        if pid == 0:
+            self._in_new_pid_ns = True
+        return pid
 
     def filter_for(self, policy: str) -> bytes:
         """The BPF for `<policy_dir>/<policy>.policy` (or `policy` itself when it is an
@@ -196,8 +228,8 @@ class Jail:
         A syscall outside the policy kills the process (SIGSYS), or with
         `seccomp_log_failures` is allowed and logged by the kernel."""
         if policy not in self._filters:
-            path = Path(policy) if os.path.isabs(policy) else (
-                Path(self.seccomp_policy_dir) / f"{policy}.policy")
+            path = policy if os.path.isabs(policy) else os.path.join(
+                self.seccomp_policy_dir, f"{policy}.policy")
             default = ACT_LOG if self.seccomp_log_failures else ACT_KILL_PROCESS
             try:
                 self._filters[policy] = compile_filter(load_policy(path).rules, default)
@@ -223,17 +255,19 @@ class Jail:
         if id_map is not None:
             os.setgroups([])  # setgroups is denied inside: drop root's groups now
         uid, gid = os.getuid(), os.getgid()
-        _check("unshare", _libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
+        new_pid_ns = 0 if self._in_new_pid_ns else CLONE_NEWPID
+        _check("unshare", _libc.unshare(CLONE_NEWUSER | new_pid_ns | CLONE_NEWNS
                                         | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET))
         if id_map is not None:
             id_map.request()
         else:
             self._map_ids(config.uid_map or f"0 {uid} 1\n", config.gid_map or f"0 {gid} 1\n")
-        pid = os.fork()
-        if pid != 0:
-            if id_map is not None:
-                self._become(config.uid, config.gid, 0)
-            self._reap(pid)  # never returns
+        if new_pid_ns:  # PID 1 of the new namespace is the next child: fork, and wait
+            pid = os.fork()
+            if pid != 0:
+                if id_map is not None:
+                    self._become(config.uid, config.gid, 0)
+                self._reap(pid)  # never returns
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if config.prepare is not None:
             config.prepare()

@@ -29,7 +29,6 @@ import signal
 import socket
 import termios
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.jail.seccomp import (ACT_ALLOW, CMP_EQ, CMP_GE, CMP_GT, CMP_LE, CMP_LT,
@@ -216,10 +215,10 @@ def _negate_group(group: list[ArgCmp]) -> list[ArgCmp]:
     return [ArgCmp(group[0].arg, CMP_MASKED_EQ, mask, 0)]
 
 
-def load_policy(path: str | Path, _depth: int = 0, _state: dict | None = None) -> Policy:
+def load_policy(path: "str | os.PathLike[str]", _depth: int = 0, _state: dict | None = None) -> Policy:
     """Parses a policy file and its includes (each a regular file of at most
     MAX_POLICY_BYTES; at most MAX_POLICY_FILES files and MAX_RULES rules in all)."""
-    path = Path(path)
+    path = os.fspath(path)
     state = {"files": 0, "rules": 0} if _state is None else _state
     if _depth > MAX_INCLUDE_DEPTH:
         raise PolicyError(f"{path}: includes nested deeper than {MAX_INCLUDE_DEPTH}")
@@ -227,7 +226,7 @@ def load_policy(path: str | Path, _depth: int = 0, _state: dict | None = None) -
     if state["files"] > MAX_POLICY_FILES:
         raise PolicyError(f"{path}: more than {MAX_POLICY_FILES} policy files included")
     try:
-        lines = read_host_file(str(path), "policy file", MAX_POLICY_BYTES).decode().splitlines()
+        lines = read_host_file(path, "policy file", MAX_POLICY_BYTES).decode().splitlines()
     except HostFileError as e:
         raise PolicyError(str(e)) from None
     except UnicodeDecodeError as e:
@@ -244,7 +243,8 @@ def load_policy(path: str | Path, _depth: int = 0, _state: dict | None = None) -
         if not line:
             continue
         if line.startswith("@include"):
-            included = path.parent / Path(line[len("@include"):].strip()).name
+            included = os.path.join(os.path.dirname(path),
+                                    os.path.basename(line[len("@include"):].strip()))
             for rule in load_policy(included, _depth + 1, state).rules:  # errors name it
                 seen.setdefault(rule.syscall, number)
                 policy.rules.append(rule)

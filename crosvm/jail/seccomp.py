@@ -11,7 +11,6 @@ anything after it has been sandboxed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -77,12 +76,16 @@ _lib: ctypes.CDLL | None = None
 def _libseccomp() -> ctypes.CDLL:
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            raise SeccompError(f"libseccomp is needed for the sandbox ({e}); install "
-                               "libseccomp2, or run with --disable-sandbox") from e
+        try:  # the soname first: find_library spawns ldconfig (milliseconds per VM start)
+            lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        except OSError:
+            from ctypes.util import find_library
+            try:
+                lib = ctypes.CDLL(find_library("seccomp") or "libseccomp.so",
+                                  use_errno=True)
+            except OSError as e:
+                raise SeccompError(f"libseccomp is needed for the sandbox ({e}); install "
+                                   "libseccomp2, or run with --disable-sandbox") from e
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_release.argtypes = [ctypes.c_void_p]
@@ -130,7 +133,7 @@ def compile_filter(rules: list[Rule], default_action: int) -> bytes:
         lib.seccomp_release(ctx)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded; find_library spawns ldconfig
 
 
 def load_filter(bpf: bytes) -> None:

@@ -147,6 +147,8 @@ class Vm:
         self._cpuid = self.kvm.supported_cpuid()
         self._add_devices()
         self._add_pci_devices()
+        for proc in self.processes:  # each device unshared while the next was forked
+            proc.map_ids()
         self._load()
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
         self.control: ControlServer | None = None

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import make_ext4
 from tests.guest_vm import GuestVm
+from tests.support.procs import descendants, jailed_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -261,11 +262,8 @@ def test_virtio_console_port_output_reaches_its_file(vm, disks):
 
 
 def device_processes(vm) -> list[int]:
-    """The jailed device processes: grandchildren of crosvm (each jail has a reaper)."""
-    pids = []
-    for child in open(f"/proc/{vm.proc.pid}/task/{vm.proc.pid}/children").read().split():
-        pids += open(f"/proc/{child}/task/{child}/children").read().split()
-    return [int(p) for p in pids]
+    """The jailed device processes (each in its own PID namespace)."""
+    return jailed_processes(vm.proc.pid)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -389,8 +387,7 @@ def test_guest_moves_a_bar_and_still_uses_the_device(vm):
 # Keep this test last in the module: it ends the module's VM.
 def test_crosvm_stop_exits_0_and_leaves_no_process(vm):
     pid = vm.proc.pid
-    family = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    family += [g for c in family for g in open(f"/proc/{c}/task/{c}/children").read().split()]
+    family = descendants(pid)
     sock = os.path.join(vm.workdir, f"crosvm-{pid}.sock")
 
     stop = subprocess.run([sys.executable, "-m", "crosvm", "stop", sock], capture_output=True,

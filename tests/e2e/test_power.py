@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from tests.guest_vm import GuestVm
+from tests.support.procs import descendants, jailed_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -19,16 +20,15 @@ def test_guest_poweroff_exits_0_and_leaves_no_device_process(bzimage, initramfs,
     with GuestVm(bzimage, initramfs, str(tmp_path), cpus=1, mem=128) as guest:
         guest.wait_ready()
         pid = guest.proc.pid
-        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-        grandchildren = [g for c in children
-                         for g in open(f"/proc/{c}/task/{c}/children").read().split()]
+        family = descendants(pid)
+        devices = jailed_processes(pid)
         guest.send("poweroff -f")
 
         code = guest.wait_exit()
 
-    alive = [p for p in children + grandchildren if os.path.exists(f"/proc/{p}")]
+    alive = [p for p in family if os.path.exists(f"/proc/{p}")]
     assert code == 0
-    assert len(grandchildren) >= 6   # 4 UARTs, rng, pvpanic, each jailed
+    assert len(devices) >= 6   # 4 UARTs, rng, pvpanic, each jailed
     assert alive == []
 
 

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from tests.guest_vm import GuestVm
+from tests.support.procs import descendants
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +29,6 @@ def result_cmd(dev: str) -> str:
     return f"dd if={dev}/config bs=4 skip=17 count=1 2>/dev/null | od -An -tu4"
 
 
-def family(pid: int) -> list[str]:
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    return children + [g for c in children
-                       for g in open(f"/proc/{c}/task/{c}/children").read().split()]
-
-
 def test_device_breaking_its_policy_stops_vm_with_33_naming_device_and_syscall(
         kernel, initramfs, tmp_path):
     with GuestVm(kernel, initramfs, str(tmp_path), cpus=1, mem=128,
@@ -43,7 +38,7 @@ def test_device_breaking_its_policy_stops_vm_with_33_naming_device_and_syscall(
         # Probe 1 opens /etc/passwd from inside the device process: it gets ENOENT (2).
         opened = guest.run(f"{probe_cmd(dev, 1)}; {result_cmd(dev)}").stdout.split()
         still_there = guest.run("echo alive").stdout
-        processes = family(guest.proc.pid)
+        processes = descendants(guest.proc.pid)
         # Probe 2 creates a socket: outside the policy, so the kernel kills the device.
         guest.send(probe_cmd(dev, 2))
 

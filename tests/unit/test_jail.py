@@ -5,26 +5,31 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
 from crosvm.jail import Jail, ensure_pivot_root
 from crosvm.jail.jail import IdMapRequest
+from tests.support.procs import jailed_processes
 
 
-def jailed_probe(tmp_path) -> dict:
-    """Fork, jail, run probes inside, return their results (and the jailed pid's status)."""
+def jailed_probe(tmp_path, fork: str) -> dict:
+    """Fork (`Jail.fork`, as DeviceProcess does, or plain `os.fork`, the way a VMM that
+    may not make PID namespaces ends up), jail, run probes inside, return their results
+    (and the jailed pid's status)."""
     root = str(tmp_path / "empty")
     ensure_pivot_root(root)
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     id_map = IdMapRequest() if os.geteuid() == 0 else None  # as DeviceProcess does
-    pid = os.fork()
+    jail = Jail(pivot_root=root)
+    pid = jail.fork() if fork == "jail.fork" else os.fork()
     if pid == 0:
         os.close(r)
         os.close(go_w)
         try:
-            Jail(pivot_root=root).enter(None, id_map)
+            jail.enter(None, id_map)
             import ctypes
             import resource
             results = {"pid": os.getpid(), "listdir": os.listdir("/"),
@@ -51,12 +56,17 @@ def jailed_probe(tmp_path) -> dict:
     if id_map is not None:
         id_map.serve(pid)
     results = json.loads(os.read(r, 4096))
-    grandchild = open(f"/proc/{pid}/task/{pid}/children").read().split()[0]
-    status = dict(line.split(":", 1) for line in open(f"/proc/{grandchild}/status"))
+    (device,) = jailed_processes(os.getpid())
+    results["device_is_child"] = device == pid
+    status = dict(line.split(":", 1) for line in open(f"/proc/{device}/status"))
     results["status"] = {k: v.strip() for k, v in status.items()}
-    results["root_ino"] = os.stat(f"/proc/{grandchild}/root").st_ino
-    results["root_mount"] = [line.split() for line in open(f"/proc/{grandchild}/mountinfo")
+    results["root_ino"] = os.stat(f"/proc/{device}/root").st_ino
+    results["root_mount"] = [line.split() for line in open(f"/proc/{device}/mountinfo")
                              if line.split()[4] == "/"]
+    # The forking thread is back in its own PID namespace: it can start threads.
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    thread.join()
     results["empty_ino"] = os.stat(root).st_ino
     os.write(go_w, b"x")
     _, wait_status = os.waitpid(pid, 0)
@@ -75,12 +85,21 @@ def user_namespaces_available() -> bool:
         return os.path.exists("/proc/self/ns/user")
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+@pytest.fixture(scope="module", params=["jail.fork", "os.fork"])
+def probe(request, tmp_path_factory):
     # Only a missing precondition skips; a failure inside the jail fails the tests.
     if not user_namespaces_available():
         pytest.skip("user namespaces are not available to this user")
-    return jailed_probe(tmp_path_factory.mktemp("jail"))
+    return {"fork": request.param, **jailed_probe(tmp_path_factory.mktemp("jail"),
+                                                  request.param)}
+
+
+def test_root_vmm_forks_the_device_straight_into_its_pid_namespace(probe):
+    if os.geteuid() != 0:
+        pytest.skip("only root may make PID namespaces without a user namespace")
+
+    # jail.fork: no process in between; os.fork: the jail adds one to wait for it.
+    assert probe["device_is_child"] == (probe["fork"] == "jail.fork")
 
 
 def test_jailed_process_is_pid_1_of_its_namespace(probe):
