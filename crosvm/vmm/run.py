@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import termios
 import tty
@@ -27,29 +28,22 @@ from crosvm.devices.proxy import (BusProxy, DeviceProcess, HostRequests, PciProx
 from crosvm.devices.pvpanic import PvPanic
 from crosvm.devices.serial_device import InputThread, SerialError, open_input, open_output
 from crosvm.devices.virtio.balloon import Balloon
-from crosvm.devices.virtio.block import Block
-from crosvm.devices.virtio.console import Console
-from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
-from crosvm.devices.virtio.net import Net
-from crosvm.devices.virtio.net_proto import net_mtu, parse_mac
 from crosvm.devices.virtio.rng import Rng
-from crosvm.disk import DiskError, open_disk
+from crosvm.disk.disk_file import DiskError
 from crosvm.hypervisor.kvm import Kvm, KvmError, KvmVm
 from crosvm.jail import Jail, JailError, ensure_pivot_root
 from crosvm.jail.seccomp import SeccompAuditLog, syscall_name
-from crosvm.net.passt import Passt, PasstError
-from crosvm.net.tap import TapError, open_net_taps
-from crosvm.devices.virtio.vsock import Vsock, VsockError
 from crosvm.kernel_loader import KernelLoaderError, load_initrd, load_kernel
 from crosvm.vm_memory import GuestMemory, GuestMemoryError
-from crosvm.vm_control import ControlServer
-from crosvm.vm_control.handlers import vm_handlers
 from crosvm.vm_control.signals import install_stop_signals
 from crosvm.vmm.exit import ExitCode, ExitState
 from crosvm.vmm.pci import PciSetup
 from crosvm.vmm.vcpu import VcpuThread, install_kick_handler
 
 log = logging.getLogger("crosvm")
+
+# Devices a VM may not have (disks, net, vsock, pmem, virtio-console, shared dirs) and
+# the control socket are imported when a VM has them: every module costs start-up time.
 
 SERIAL_PORTS = {1: 0x3F8, 2: 0x2F8, 3: 0x3E8, 4: 0x2E8}
 SERIAL_IRQS = {1: 4, 2: 3, 3: 4, 4: 3}
@@ -153,6 +147,8 @@ class Vm:
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
         self.control: ControlServer | None = None
         if cfg.socket:  # after every device fork: no device process inherits it
+            from crosvm.vm_control.handlers import vm_handlers
+            from crosvm.vm_control.server import ControlServer
             self.control = ControlServer(cfg.socket, vm_handlers(self))
             self._closers.append(self.control.close)
 
@@ -160,18 +156,23 @@ class Vm:
         cfg = self.cfg
         policies = [Serial.seccomp_policy, PvPanic.seccomp_policy]
         if cfg.disks:
+            from crosvm.devices.virtio.block import Block
             policies.append(Block.seccomp_policy)
         if cfg.pmems:
+            from crosvm.devices.virtio.pmem import Pmem
             policies.append(Pmem.seccomp_policy)
         if not cfg.no_rng:
             policies.append(Rng.seccomp_policy)
         if not cfg.no_balloon:
             policies.append(Balloon.seccomp_policy)
         if cfg.virtio_consoles():
+            from crosvm.devices.virtio.console import Console
             policies.append(Console.seccomp_policy)
         if cfg.nets:
+            from crosvm.devices.virtio.net import Net
             policies.append(Net.seccomp_policy)
         if cfg.vsock is not None:
+            from crosvm.devices.virtio.vsock import Vsock
             policies.append(Vsock.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
@@ -281,6 +282,9 @@ class Vm:
                             spawn=self._spawn_pci if self.jail is not None else None)
         self._closers.append(self.pci.close)
         self.block_targets: list[PciDevice] = []  # by disk index, for `crosvm disk`
+        if cfg.disks:
+            from crosvm.devices.virtio.block import Block
+            from crosvm.disk import open_disk
         for disk in cfg.disks:
             image = open_disk(disk.path, read_only=disk.ro, direct=disk.direct,
                               sparse=disk.sparse)
@@ -296,6 +300,7 @@ class Vm:
             self.balloon_target = self._bus_target(self.pci.add_virtio(
                 Balloon(page_reporting=cfg.balloon_page_reporting)))
         for params in cfg.virtio_consoles():
+            from crosvm.devices.virtio.console import Console
             out = open_output(params)
             if out is not None:
                 self._closers.append(out.close)
@@ -311,6 +316,9 @@ class Vm:
             if params.passt or params.passt_socket:
                 self.pci.add_virtio(self._passt_net(params, f"net{i}"))
                 continue
+            from crosvm.devices.virtio.net import Net
+            from crosvm.devices.virtio.net_proto import net_mtu
+            from crosvm.net.tap import open_net_taps
             tap, mac = open_net_taps(params)
             self.pci.add_virtio(Net(tap.fds, mac, mtu=net_mtu(tap.mtu()),
                                     mrg_rxbuf=params.mrg_rxbuf, label=f"net{i}"))
@@ -340,8 +348,9 @@ class Vm:
         """Every virtio device as the VMM reaches it (for `suspend --full`)."""
         return [self._bus_target(d) for d in self.pci.devices if hasattr(d, "control")]
 
-    def _pmem(self, path: str, read_only: bool) -> Pmem:
+    def _pmem(self, path: str, read_only: bool) -> "Pmem":
         """Map the file above RAM in its own KVM slot (read-only for ro) and make its device."""
+        from crosvm.devices.virtio.pmem import ADDRESS_ALIGN, Pmem, PmemFile
         pmem_file = PmemFile(path, read_only)
         try:
             address = self.pci.allocate_high(pmem_file.size, ADDRESS_ALIGN)
@@ -358,8 +367,9 @@ class Vm:
         log.debug("pmem %s: %#x bytes at guest %#x", path, pmem_file.size, address)
         return device
 
-    def _vsock(self, params) -> Vsock:
+    def _vsock(self, params) -> "Vsock":
         """The userspace device for uds-path=; vhost-vsock is refused with the reason."""
+        from crosvm.devices.virtio.vsock import Vsock, VsockError
         if params.uds_path is None:
             if not os.path.exists(params.device):
                 raise VsockError(f"vsock: vhost-vsock needs {params.device}, which does not "
@@ -371,7 +381,10 @@ class Vm:
         self._closers.append(lambda: remove_socket(device.uds_path, device.socket_id))
         return device
 
-    def _passt_net(self, params, label: str) -> Net:
+    def _passt_net(self, params, label: str) -> "Net":
+        from crosvm.devices.virtio.net import Net
+        from crosvm.devices.virtio.net_proto import parse_mac
+        from crosvm.net.passt import Passt
         passt = Passt(params.passt_socket)
         self._closers.append(passt.close)
         passt.watch()
@@ -417,6 +430,8 @@ class Vm:
         install_stop_signals(lambda name: self.exit_state.request(ExitCode.SUCCESS,
                                                                   f"stopped by {name}"))
         self.exit_state.add_listener(self._kick_all)
+        waker = Event()
+        self.exit_state.add_listener(waker.signal)
         for t in self._input_threads:
             t.start()
         if self.control is not None:
@@ -424,15 +439,45 @@ class Vm:
         for v in self.vcpus:
             v.start()
         try:
-            while not self.exit_state.wait(0.5):
-                self._check_processes()
+            self._wait_for_exit(waker)
         except KeyboardInterrupt:
             self.exit_state.request(ExitCode.SUCCESS)
+        finally:
+            waker.close()
         self._check_processes(grace=1.0)  # name the device (and syscall) that ended the run
         self._kick_all()
         for v in self.vcpus:
             v.join(5.0)
         return self.exit_state.code
+
+    def _wait_for_exit(self, waker: Event) -> None:
+        """Sleep until an exit is requested or a device process ends. Nothing wakes the
+        VMM's main thread while the guest runs: each device process is watched through
+        a pidfd (on kernels without pidfds, by looking every half second)."""
+        poller = select.poll()
+        poller.register(waker.fd, select.POLLIN)
+        watched: dict[int, DeviceProcess] = {}
+        timeout = None
+        try:
+            for proc in self.processes:
+                try:
+                    fd = os.pidfd_open(proc.pid)
+                except OSError:
+                    timeout = 500
+                    continue
+                watched[fd] = proc
+                poller.register(fd, select.POLLIN)
+            while not self.exit_state.is_set():
+                ready = poller.poll(timeout)
+                if any(fd in watched for fd, _ in ready) or timeout is not None:
+                    self._check_processes()
+                for fd in [fd for fd, proc in watched.items() if proc.status is not None]:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    del watched[fd]
+        finally:
+            for fd in watched:
+                os.close(fd)
 
     def _kick_all(self) -> None:
         for v in self.vcpus:
@@ -476,8 +521,7 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     except (ConfigError, KernelLoaderError, BootError, DiskError, JailError) as e:
         log.error("%s", e)
         return ExitCode.INVALID_ARGS
-    except (KvmError, GuestMemoryError, SerialError, TapError, PasstError, VsockError,
-            OSError) as e:
+    except _setup_errors() as e:  # evaluated only when something was raised
         log.error("failed to set up the VM: %s", e)
         return ExitCode.ERROR
     terminal = RawTerminal(any(p.stdin for p in cfg.serial_ports()))
@@ -491,6 +535,15 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
     else:
         log.info("exiting with %s (%d)", code.name, code)
     return code
+
+
+def _setup_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the host could not give the VM what it asked for" (exit 1),
+    imported only when one was raised: their modules are optional devices'."""
+    from crosvm.devices.virtio.vsock import VsockError
+    from crosvm.net.passt import PasstError
+    from crosvm.net.tap import TapError
+    return (KvmError, GuestMemoryError, SerialError, TapError, PasstError, VsockError, OSError)
 
 
 def _shared_dir_device(share):

@@ -19,6 +19,7 @@ log = logging.getLogger("crosvm.vcpu")
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
+PR_SET_NAME = 15
 
 # Signal used to kick a vCPU thread out of KVM_RUN (its handler does nothing).
 KICK_SIGNAL = signal.SIGRTMIN + 1
@@ -141,6 +142,9 @@ class VcpuThread:
                     + (f"; data: {data}" if data else ""))
 
     def _run(self) -> None:
+        # The kernel's name for the thread (top -H, perf, /proc/PID/task/TID/comm), as
+        # crosvm names its vCPU threads.
+        _libc.prctl(PR_SET_NAME, self.thread.name.encode()[:15], 0, 0, 0)
         try:
             self._loop()
         except Exception as e:  # never leave the VM hanging on a dead vCPU
