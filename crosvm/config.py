@@ -99,6 +99,41 @@ class VsockOption:
             self.device = VHOST_VSOCK_DEVICE
 
 
+VHOST_USER_TYPES = ("block", "net", "console", "rng", "vsock", "fs")
+MAX_VHOST_USER_QUEUE_SIZE = 32768  # virtio's largest split ring
+
+
+@dataclass
+class VhostUserOption:
+    """One `--vhost-user TYPE,socket=PATH` (or --vhost-user-blk SOCK, ...)."""
+
+    type: str
+    socket: str
+    max_queue_size: int | None = None
+    tag: str | None = None
+
+
+def validate_vhost_user(devices: list[VhostUserOption]) -> None:
+    for d in devices:
+        size = d.max_queue_size
+        if size is not None and not (0 < size <= MAX_VHOST_USER_QUEUE_SIZE
+                                     and size & (size - 1) == 0):
+            raise ConfigError(f"vhost-user: max-queue-size={size}: expected a power of two "
+                              f"from 1 to {MAX_VHOST_USER_QUEUE_SIZE}")
+        if d.tag is not None and d.type != "fs":
+            raise ConfigError(f"vhost-user: tag= is for type fs, not {d.type}")
+        if d.tag is not None and not 0 < len(d.tag.encode()) <= FS_TAG_MAX:
+            raise ConfigError(f"vhost-user: tag {d.tag!r} must be 1 to {FS_TAG_MAX} bytes")
+
+
+def parse_vhost_user_fs(text: str) -> VhostUserOption:
+    """crosvm's `--vhost-user-fs SOCK:TAG`."""
+    sock, sep, tag = text.rpartition(":")
+    if not sep or not sock or not tag:
+        raise ConfigError(f"vhost-user-fs: {text!r}: expected SOCK:TAG")
+    return VhostUserOption(type="fs", socket=sock, tag=tag)
+
+
 FS_TAG_MAX = 36        # virtio-fs config space: tag[36]
 P9_TAG_MAX = 255       # a 9P mount tag is a u16-length string; kept short like fs
 SHARED_DIR_CACHE = ("never", "auto", "always")
@@ -255,6 +290,7 @@ class Config:
     nets: list[NetOption] = field(default_factory=list)
     vsock: VsockOption | None = None
     shared_dirs: list[SharedDirOption] = field(default_factory=list)
+    vhost_user: list[VhostUserOption] = field(default_factory=list)
     hypervisor_device: str = "/dev/kvm"
 
     def serial_ports(self) -> list[SerialParameters]:
@@ -283,6 +319,7 @@ class Config:
         validate_nets(self.nets)
         validate_vsock(self.vsock)
         validate_shared_dirs(self.shared_dirs)
+        validate_vhost_user(self.vhost_user)
 
     def virtio_consoles(self) -> list[SerialParameters]:
         return [p for p in self.serial_ports() if p.hardware == "virtio-console"]

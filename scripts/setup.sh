@@ -7,13 +7,15 @@
 # (sfdisk) make and check the images of the disk-format tests; pyroute2 (a package
 # dependency) configures the host side of `--net host-ip=` TAPs; passt gives
 # `--net passt` its user-mode network; gcc and libc6-dev build the guest's static vsock
-# tool (guest/vsock.c, /bin/vsock in the initramfs).
+# tool (guest/vsock.c, /bin/vsock in the initramfs); qemu-system-common has
+# qemu-storage-daemon and virtiofsd, the real vhost-user back-ends the e2e tests use,
+# and qemu-system-x86 is the real front-end of `crosvm device` (and the benches' peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The initramfs needs a static busybox (Debian's busybox-static puts it at /bin/busybox).
 missing=()
-for pkg in busybox-static gcc libc6-dev e2fsprogs libseccomp2 qemu-utils android-sdk-libsparse-utils fdisk passt; do
+for pkg in busybox-static gcc libc6-dev e2fsprogs libseccomp2 qemu-utils android-sdk-libsparse-utils fdisk passt qemu-system-common qemu-system-x86; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -15,7 +15,8 @@ from crosvm.base.hostfile import HostFileError, read_host_file
 from crosvm.cli import keyvalue as kv
 from crosvm.cli.options import BY_CONFIG_KEY, Option
 from crosvm.config import (Config, ConfigError, DiskOption, NetOption, PmemOption,
-                           SerialParameters, VsockOption, parse_shared_dir)
+                           SerialParameters, VhostUserOption, VsockOption, parse_shared_dir,
+                           parse_vhost_user_fs)
 
 MAX_CFG_DEPTH = 16      # include levels
 MAX_CFG_FILES = 64      # files one --cfg may load, includes counted
@@ -203,6 +204,12 @@ def _build_config(values: dict[str, Any]) -> Config:
             raise ConfigError("--cid and --vsock cannot be given together; use --vsock only")
         cfg.vsock = legacy_vsock
     cfg.shared_dirs = [parse_shared_dir(text) for text in values.get("shared-dir", [])]
+    for v in values.get("vhost-user", []):
+        full = kv.with_defaults(BY_CONFIG_KEY["vhost-user"].schema, v, "vhost-user")
+        cfg.vhost_user.append(VhostUserOption(**{k.replace("-", "_"): v
+                                                 for k, v in full.items()}))
+    cfg.vhost_user += [parse_vhost_user_fs(text)
+                       for text in values.get("legacy-vhost-user-fs", [])]
     return cfg
 
 

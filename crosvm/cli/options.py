@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from crosvm.cli.keyvalue import Field, Schema
-from crosvm.config import SERIAL_HARDWARE, SERIAL_TYPES
+from crosvm.config import SERIAL_HARDWARE, SERIAL_TYPES, VHOST_USER_TYPES
 
 
 @dataclass
@@ -67,6 +67,16 @@ PMEM_SCHEMA = Schema([
     Field("root", "bool", False, "use as the root device (adds root=/dev/pmemN)"),
 ])
 OLD_PMEM_SCHEMA = Schema([f for f in PMEM_SCHEMA.fields if f.name == "path"])
+VHOST_USER_SCHEMA = Schema([
+    Field("type", "enum", None, "the device: block, net, console, rng, vsock or fs",
+          choices=VHOST_USER_TYPES, required=True),
+    Field("socket", "path", None, "the back-end's Unix socket", required=True),
+    Field("max-queue-size", "int", None, "the largest queue offered to the guest (default "
+          "256)", aliases=("max_queue_size",)),
+    Field("tag", "str", None, "fs: the mount tag, when the back-end does not give one"),
+])
+# --vhost-user-blk SOCK and friends: the socket only; the type comes from the option.
+OLD_VHOST_USER_SCHEMA = Schema([f for f in VHOST_USER_SCHEMA.fields if f.name == "socket"])
 NET_SCHEMA = Schema([
     Field("tap-name", "str", None, "an existing TAP, or a new persistent one, by name"),
     Field("tap-fd", "int", None, "an open TAP fd (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)"),
@@ -164,6 +174,17 @@ RUN_OPTIONS: list[Option] = [
            "ascii_casefold, negative_timeout=S. Guest: mount -t virtiofs TAG DIR, or "
            "mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR", multi=True,
            metavar="SRC:TAG[:type=p9|fs][:key=value...]"),
+    Option("vhost-user", "keyvalue", "a virtio device served by a vhost-user back-end "
+           "(another process: `crosvm device`, qemu-storage-daemon, virtiofsd; may repeat)",
+           multi=True, schema=VHOST_USER_SCHEMA,
+           metavar="TYPE,socket=PATH[,max-queue-size=N][,tag=TAG]"),
+    *(Option(f"vhost-user-{name}", "keyvalue", f"vhost-user {kind} back-end", key="vhost-user",
+             multi=True, schema=OLD_VHOST_USER_SCHEMA, in_config=False,
+             implied={"type": kind}, metavar="SOCK")
+      for name, kind in (("blk", "block"), ("net", "net"), ("console", "console"),
+                         ("vsock", "vsock"))),
+    Option("vhost-user-fs", "value", "vhost-user virtio-fs back-end and the guest's mount tag",
+           key="legacy-vhost-user-fs", multi=True, in_config=False, metavar="SOCK:TAG"),
     Option("hypervisor", "variant", "hypervisor backend", variants={"kvm": KVM_SCHEMA},
            metavar="kvm[device=PATH]"),
     Option("kvm-device", "value", "path to the KVM device", value_type="path",

@@ -174,7 +174,11 @@ class DeviceProcess:
         # Objects that exist now are never collected in the device: its collector would
         # write to every one of them and copy the VMM's whole heap into the device.
         gc.freeze()
-        pid = jail.fork() if jail is not None else os.fork()
+        try:
+            pid = jail.fork() if jail is not None else os.fork()
+        except BaseException:
+            gc.unfreeze()
+            raise
         if pid == 0:  # the device process
             status = 1
             try:
@@ -196,7 +200,11 @@ class DeviceProcess:
                 log.exception("%s: device process failed", name)
             finally:
                 os._exit(status)
+        gc.unfreeze()  # in the VMM the collector keeps collecting what existed at the fork
         child_sock.close()
+        close_in_vmm = getattr(device, "close_in_vmm", None)
+        if close_in_vmm is not None:  # a connection only the device process may hold
+            close_in_vmm()
         # Mapped later (`map_ids`, or before the first request): the VMM forks the next
         # device while this one unshares, rather than waiting for it.
         self._id_map = id_map
@@ -217,8 +225,8 @@ class DeviceProcess:
         with self._lock:
             if self.dead:
                 raise DeviceDied(self.name)
-            self.map_ids()
             try:
+                self.map_ids()
                 self.sock.send(REQ.pack(op, index, length, offset, extra) + bytes(data))
                 out, actions = parse_reply(self.sock.recv(MAX_MSG))
             except OSError as e:

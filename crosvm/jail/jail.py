@@ -173,7 +173,10 @@ class IdMapRequest:
                 answer = b"k"
             except OSError:
                 answer = b"!"
-            os.write(self._done_w, answer)
+            try:
+                os.write(self._done_w, answer)
+            except OSError:
+                pass  # the device died after asking; its end is reported elsewhere
         finally:
             os.close(self._ask_r)
             os.close(self._done_w)
@@ -207,16 +210,25 @@ class Jail:
                 self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 self._own_pid_ns = False
-        if self._own_pid_ns is False or _libc.unshare(CLONE_NEWPID) != 0:
-            self._own_pid_ns = False
+        if self._own_pid_ns is False:
             return os.fork()
+        pid = -1
         try:
+            if _libc.unshare(CLONE_NEWPID) != 0:  # not root: enter() makes the namespace
+                os.close(self._own_pid_ns)
+                self._own_pid_ns = False
+                return os.fork()
             pid = os.fork()
         finally:
-            # In the child too: its own namespace is now the new one, which setns
-            # refuses to leave for an ancestor; only the parent must (and can) go back.
-            if os.getpid() != 1:
-                _check("setns(own PID namespace)", _libc.setns(self._own_pid_ns, CLONE_NEWPID))
+            # Only the parent goes back (the child is PID 1 of the new namespace, which
+            # it cannot leave). Also after a failed fork or an exception in between.
+            if pid != 0 and self._own_pid_ns is not False \
+                    and _libc.setns(self._own_pid_ns, CLONE_NEWPID) != 0:
+                err = ctypes.get_errno()
+                if pid > 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                raise JailError(f"setns(own PID namespace): {os.strerror(err)}")
         if pid == 0:
             self._in_new_pid_ns = True
         return pid

@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 
@@ -64,6 +65,38 @@ class GuestMemory:
             mapping.madvise(mmap.MADV_DONTDUMP)  # a VMM core dump must not hold guest RAM
             self.regions.append(MemoryRegion(addr, size, offset, mapping))
             offset += size
+
+    @classmethod
+    def from_fds(cls, regions: list[tuple[int, int, int, int]]) -> "GuestMemory":
+        """Guest memory another process made and shares (a vhost-user front-end's
+        table): each (guest address, size, fd, file offset) mapped shared, read-write.
+        The fds may be closed afterwards; this object has no memfd of its own."""
+        self = cls.__new__(cls)
+        self.memfd = None
+        self.regions = []
+        try:
+            for addr, size, fd, offset in sorted(regions, key=lambda r: r[0]):
+                if addr % mmap.PAGESIZE or size % mmap.PAGESIZE or offset % mmap.PAGESIZE \
+                        or size == 0:
+                    raise GuestMemoryError(f"region {addr:#x}+{size:#x} (file offset "
+                                           f"{offset:#x}) is not page-aligned")
+                if self.regions and self.regions[-1].end > addr:
+                    raise GuestMemoryError(f"memory regions overlap at {addr:#x}")
+                # A mapping past the end of the file would fault (SIGBUS) on first use.
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+                    raise GuestMemoryError(f"region {addr:#x}+{size:#x} lies past the end "
+                                           f"of its file ({st.st_size:#x} bytes)")
+                try:
+                    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                except (OSError, ValueError, OverflowError) as e:
+                    raise GuestMemoryError(f"cannot map region {addr:#x}+{size:#x}: {e}") from e
+                self.regions.append(MemoryRegion(addr, size, offset, mapping))
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     @property
     def size(self) -> int:
@@ -126,4 +159,5 @@ class GuestMemory:
                 region.mapping.close()
             except BufferError:
                 pass  # still exported to KVM; the process exit unmaps it
-        os.close(self.memfd)
+        if self.memfd is not None:
+            os.close(self.memfd)

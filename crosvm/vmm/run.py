@@ -139,10 +139,19 @@ class Vm:
         self.pm_ports = PmPorts()
         self._irq_events: dict[int, Event] = {}
         self._cpuid = self.kvm.supported_cpuid()
-        self._add_devices()
-        self._add_pci_devices()
-        for proc in self.processes:  # each device unshared while the next was forked
-            proc.map_ids()
+        try:
+            self._add_devices()
+            self._add_pci_devices()
+            for proc in self.processes:  # each device unshared while the next was forked
+                proc.map_ids()
+        except BaseException:
+            # A library caller that catches this must not be left with device processes
+            # waiting in their jails for a map (the CLI's exit would kill them anyway).
+            for proc in self.processes:
+                proc.shutdown()
+                proc.reap(timeout=1.0)
+                proc.close()
+            raise
         self._load()
         self.vcpus = [self._create_vcpu(i) for i in range(cfg.cpus)]
         self.control: ControlServer | None = None
@@ -174,6 +183,9 @@ class Vm:
         if cfg.vsock is not None:
             from crosvm.devices.virtio.vsock import Vsock
             policies.append(Vsock.seccomp_policy)
+        if cfg.vhost_user:
+            from crosvm.devices.virtio.vhost_user import VhostUserFrontend
+            policies.append(VhostUserFrontend.seccomp_policy)
         return policies + [d.seccomp_policy for d in self.extra_pci_devices if d.seccomp_policy]
 
     def irq_event(self, irq: int) -> Event:
@@ -326,6 +338,11 @@ class Vm:
             self.pci.add_virtio(self._vsock(cfg.vsock))
         for share in cfg.shared_dirs:
             self.pci.add_virtio(_shared_dir_device(share))
+        for i, params in enumerate(cfg.vhost_user):
+            from crosvm.devices.virtio.vhost_user import VhostUserFrontend
+            self.pci.add_virtio(VhostUserFrontend(
+                params.type, params.socket, self.mem, params.max_queue_size, params.tag,
+                label=f"vhost-user-{params.type}{i}"))
 
         def panic_exit(code: int) -> None:
             if code == ExitCode.GUEST_PANIC:  # the only exit a pvpanic device may ask for
@@ -540,10 +557,12 @@ def run_config(cfg: Config, extra_pci_devices: Sequence[PciDevice] = ()) -> Exit
 def _setup_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean "the host could not give the VM what it asked for" (exit 1),
     imported only when one was raised: their modules are optional devices'."""
+    from crosvm.devices.virtio.vhost_user import VhostUserError
     from crosvm.devices.virtio.vsock import VsockError
     from crosvm.net.passt import PasstError
     from crosvm.net.tap import TapError
-    return (KvmError, GuestMemoryError, SerialError, TapError, PasstError, VsockError, OSError)
+    return (KvmError, GuestMemoryError, SerialError, TapError, PasstError, VsockError,
+            VhostUserError, OSError)
 
 
 def _shared_dir_device(share):

@@ -34,3 +34,12 @@ def jailed_processes(pid: int) -> list[int]:
         except OSError:
             pass
     return jailed
+
+
+def device_process(pid: int) -> int:
+    """The jailed process of a DeviceProcess whose pid is `pid`: itself when the VMM
+    forked it into its namespace, or else the child its jail's first process waits for."""
+    if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+        return pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return int(f.read().split()[0])

@@ -300,7 +300,10 @@ class QueueWorker:
         the worker did not get there within `timeout`. Each True needs a `resume()`."""
         with self._pause_cond:
             self._pauses += 1
-        self._sleep_event.signal()
+        try:
+            self._sleep_event.signal()
+        except OSError:
+            pass  # stopped (its events are closed): it has ended, which counts as asleep
         with self._pause_cond:
             asleep = self._pause_cond.wait_for(
                 lambda: self._sleeping or self._ended, timeout)
@@ -369,6 +372,7 @@ class QueueWorker:
         if self._thread.is_alive():
             raise WorkerStuck(f"{self.name}: the worker did not stop within {STOP_TIMEOUT:g} s")
         self.kill.close()
+        self._sleep_event.close()  # one eventfd per activation otherwise (a driver reset)
 
 
 def signal_used(mem: GuestMemory, queue: Queue, interrupt: Interrupt) -> None:

@@ -99,6 +99,12 @@ class VirtioPciDevice(PciDevice):
     def jail_config(self) -> JailConfig:
         return self.device.jail_config()
 
+    def close_in_vmm(self) -> None:
+        """After the fork: what only the device's process may hold (its own hook)."""
+        hook = getattr(self.device, "close_in_vmm", None)
+        if hook is not None:
+            hook()
+
     @staticmethod
     def num_msix_vectors(device: V.VirtioDevice) -> int:
         return len(device.queue_max_sizes()) + 1
@@ -341,6 +347,9 @@ class VirtioPciDevice(PciDevice):
                 with self._lock:
                     worker = self.device.worker if self.activated else None
                 if code == C.CTRL_SLEEP:  # `suspend --full`: once, however often asked
+                    if not getattr(self.device, "can_sleep", True):
+                        raise C.DeviceControlError(f"{self.device.debug_label()}: cannot "
+                                                   "sleep (its queues are served elsewhere)")
                     if worker is None or self._slept is worker:
                         return C.encode_ok(C.ALREADY)
                     if not worker.pause():

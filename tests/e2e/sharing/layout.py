@@ -16,6 +16,12 @@ GUEST_UID, GUEST_GID = 5000, 6000
 UGID_MOUNT = "/mnt/ugid"
 MANY_FILES = 1000
 OUTSIDE_SECRET = b"outside the share: never reachable from the guest\n"
+# vhost-user: an ext4 image exported by qemu-storage-daemon (vda), a second one whose
+# daemon a test kills (vdb), and a directory virtiofsd serves under VU_FS_TAG.
+VU_BLOCK_MIB, VU_VICTIM_MIB = 64, 32
+VU_BLOCK_FILE = {"known.txt": b"served by qemu-storage-daemon\n"}
+VU_FS_TAG = "vufs"
+VU_MOUNT = "/mnt/vufs"
 
 
 def make_share(path: str, payload: bytes) -> None:

@@ -1,0 +1,326 @@
+"""The back-end side of vhost-user: serves one of our virtio devices to a front-end in
+another process (`crosvm device block --socket PATH ...`; QEMU or our own VMM on the
+other end).
+
+The device is the same class the VMM runs in-process: the back-end plays the PCI
+transport's part. It maps the guest memory the front-end sends, turns ring addresses
+(the front-end's own virtual addresses) into guest addresses through that table, and
+activates the device with Queues on those rings, the front-end's kick eventfds and an
+interrupt that signals its call eventfds. The device's worker then serves the rings
+exactly as it does in the VMM.
+
+The front-end is not trusted: every message is bounded and checked (queue index, ring
+size, addresses inside the table, fds present) and a bad one fails that request.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+
+from crosvm.base import Event
+from crosvm.devices.virtio import virtio_device as V
+from crosvm.devices.virtio.queue import Queue
+from crosvm.vhost_user import protocol as P
+from crosvm.vm_memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+OUR_PROTOCOL = P.ProtocolFeature.MQ | P.ProtocolFeature.REPLY_ACK | P.ProtocolFeature.CONFIG
+
+
+class RequestFailed(Exception):
+    """A request the back-end refuses (answered with a failure status when asked)."""
+
+
+class CallInterrupt(V.Interrupt):
+    """The device's interrupts, as the front-end's call eventfds: a queue's vector is
+    its index here."""
+
+    def __init__(self, calls: dict[int, Event]) -> None:
+        super().__init__(None, None)
+        self.calls = calls
+
+    def signal_used_queue(self, vector: int) -> None:
+        call = self.calls.get(vector)
+        if call is not None:
+            call.signal()
+
+    def signal_config_changed(self) -> None:
+        pass  # needs the back-end request channel, which this back-end does not offer
+
+
+class Vring:
+    """What the front-end told us about one ring."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = max_size
+        self.addrs: tuple[int, int, int] | None = None  # desc, avail, used (guest)
+        self.base = 0
+        self.kick: Event | None = None
+        self.call: Event | None = None
+        self.enabled = False
+
+    def close(self) -> None:
+        for event in (self.kick, self.call):
+            if event is not None:
+                event.close()
+        self.kick = self.call = None
+
+
+class DeviceBackend:
+    """Serves `device` to one front-end connection (`serve` returns when it closes)."""
+
+    def __init__(self, device: V.VirtioDevice, sock: socket.socket) -> None:
+        self.device = device
+        self.sock = sock
+        self.vrings = [Vring(n) for n in device.queue_max_sizes()]
+        self.features = 0
+        self.protocol = P.ProtocolFeature(0)
+        self.mem: GuestMemory | None = None
+        self.table: list[P.MemoryRegion] = []
+        self.queues: list[Queue] | None = None  # while the device is active
+
+    # -- the connection ------------------------------------------------------------
+    def serve(self) -> None:
+        try:
+            while self._one_message():
+                pass
+        finally:
+            self._deactivate()
+            for vring in self.vrings:
+                vring.close()
+            if self.mem is not None:
+                self.mem.close()
+
+    def _one_message(self) -> bool:
+        try:
+            raw, fds = self._recv(P.HEADER.size, with_fds=True)
+        except ConnectionError:
+            return False
+        if raw is None:
+            return False
+        try:
+            header = P.decode_header(raw)
+            payload, _ = self._recv(header.size) if header.size else (b"", [])
+            if payload is None:
+                _close_all(fds)
+                return False
+        except (P.ProtocolError, ConnectionError) as e:
+            log.error("vhost-user back-end: %s; closing the connection", e)
+            _close_all(fds)
+            return False
+        try:
+            reply = self._handle(header, payload, fds)
+            status = 0
+        except (RequestFailed, P.ProtocolError, GuestMemoryError) as e:
+            log.error("vhost-user back-end: request %d refused: %s", header.request, e)
+            reply, status = None, 1
+        finally:
+            _close_all(fds)  # handlers dup what they keep
+        if header.request in P.REPLIES:
+            if reply is None:  # no data to give: the front-end would wait forever
+                return False
+            self._send(header.request, reply)
+        elif header.need_reply and self.protocol & P.ProtocolFeature.REPLY_ACK:
+            self._send(header.request, P.u64(status))
+        return True
+
+    def _recv(self, size: int, with_fds: bool = False) -> tuple[bytes | None, list[int]]:
+        data = bytearray()
+        fds: list[int] = []
+        while len(data) < size:
+            chunk, ancdata, _, _ = self.sock.recvmsg(
+                size - len(data), socket.CMSG_SPACE(4 * P.MAX_FDS) if with_fds else 0)
+            fds += _fds_of(ancdata)
+            if not chunk:
+                _close_all(fds)
+                return None, []
+            data += chunk
+            with_fds = False  # fds come with the header's bytes
+        return bytes(data), fds
+
+    def _send(self, request: int, payload: bytes) -> None:
+        self.sock.sendall(P.encode(request, payload, P.FLAG_REPLY))
+
+    # -- requests ------------------------------------------------------------------
+    def _handle(self, header: P.Header, payload: bytes, fds: list[int]) -> bytes | None:
+        R = P.Request
+        code = header.request
+        if code == R.GET_FEATURES:
+            return P.u64(self.device.features() | P.F_PROTOCOL_FEATURES)
+        if code == R.SET_FEATURES:
+            value = P.decode_u64(payload, "features")
+            offered = self.device.features() | P.F_PROTOCOL_FEATURES
+            if value & ~offered:
+                raise RequestFailed(f"features {value & ~offered:#x} were not offered")
+            self.features = value
+            self.device.ack_features(value & ~P.F_PROTOCOL_FEATURES)
+            return None
+        if code in (R.SET_OWNER, R.RESET_OWNER):
+            return None
+        if code == R.GET_PROTOCOL_FEATURES:
+            return P.u64(OUR_PROTOCOL)
+        if code == R.SET_PROTOCOL_FEATURES:
+            self.protocol = P.ProtocolFeature(P.decode_u64(payload, "protocol") & OUR_PROTOCOL)
+            return None
+        if code == R.GET_QUEUE_NUM:
+            return P.u64(len(self.vrings))
+        if code == R.SET_MEM_TABLE:
+            self._set_mem_table(payload, fds)
+            return None
+        if code == R.GET_CONFIG:
+            offset, data = P.decode_config(payload)
+            out = bytearray(len(data))
+            self.device.read_config(offset, memoryview(out))
+            return P.config(offset, bytes(out))
+        if code == R.SET_CONFIG:
+            offset, data = P.decode_config(payload)
+            self.device.write_config(offset, data)
+            return None
+        if code in (R.SET_VRING_NUM, R.SET_VRING_BASE, R.SET_VRING_ENABLE, R.GET_VRING_BASE):
+            index, num = P.decode_vring_state(payload)
+            return self._vring_state(code, self._vring(index), index, num)
+        if code == R.SET_VRING_ADDR:
+            addr = P.decode_vring_addr(payload)
+            vring = self._vring(addr.index)
+            vring.addrs = (self._guest(addr.desc), self._guest(addr.avail),
+                           self._guest(addr.used))
+            return None
+        if code in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
+            index, has_fd = P.decode_vring_fd(payload)
+            vring = self._vring(index)
+            if has_fd != (len(fds) == 1):
+                raise RequestFailed(f"expected {1 if has_fd else 0} fd, got {len(fds)}")
+            if code == R.SET_VRING_ERR:
+                return None
+            if not has_fd:
+                raise RequestFailed("rings without an eventfd (polling) are not supported")
+            event = Event(os.dup(fds[0]))
+            if code == R.SET_VRING_KICK:
+                if vring.kick is not None:
+                    vring.kick.close()
+                vring.kick = event
+                if not self.features & P.F_PROTOCOL_FEATURES:
+                    vring.enabled = True  # without the extension a kick fd starts it
+            else:
+                if vring.call is not None:
+                    vring.call.close()
+                vring.call = event
+            self._maybe_activate()
+            return None
+        raise RequestFailed(f"request {code} is not supported")
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise RequestFailed(f"ring {index} does not exist ({len(self.vrings)} rings)")
+        return self.vrings[index]
+
+    def _vring_state(self, code: int, vring: Vring, index: int, num: int) -> bytes | None:
+        R = P.Request
+        if code == R.SET_VRING_NUM:
+            if not 0 < num <= vring.max_size or num & (num - 1):
+                raise RequestFailed(f"ring {index}: size {num} (a power of two up to "
+                                    f"{vring.max_size})")
+            vring.size = num
+        elif code == R.SET_VRING_BASE:
+            if num > 0xFFFF:
+                raise RequestFailed(f"ring {index}: base {num} does not fit 16 bits")
+            vring.base = num
+        elif code == R.SET_VRING_ENABLE:
+            vring.enabled = bool(num)
+            if num:
+                self._maybe_activate()
+            else:
+                self._deactivate()
+        else:  # GET_VRING_BASE: stop the ring (the device: all), say where it stopped
+            for i, base in self._deactivate().items():
+                self.vrings[i].base = base
+            vring.enabled = False
+            return P.vring_state(index, vring.base)
+        return None
+
+    def _set_mem_table(self, payload: bytes, fds: list[int]) -> None:
+        regions = P.decode_memory_table(payload, len(fds))
+        self._deactivate()
+        mem = GuestMemory.from_fds([(r.guest_addr, r.size, fd, r.mmap_offset)
+                                    for r, fd in zip(regions, fds)])
+        if self.mem is not None:
+            self.mem.close()
+        self.mem, self.table = mem, regions
+
+    def _guest(self, user_addr: int) -> int:
+        """The guest address of a front-end virtual address, by the memory table."""
+        for r in self.table:
+            if r.user_addr <= user_addr < r.user_addr + r.size:
+                return r.guest_addr + user_addr - r.user_addr
+        raise RequestFailed(f"ring address {user_addr:#x} is outside the memory table")
+
+    # -- the device ----------------------------------------------------------------
+    def _maybe_activate(self) -> None:
+        """Activate once every ring is described, has both eventfds and is enabled."""
+        if self.queues is not None or self.mem is None:
+            return
+        if not all(v.enabled and v.addrs and v.kick and v.call for v in self.vrings):
+            return
+        event_idx = bool(self.features >> V.VIRTIO_RING_F_EVENT_IDX & 1)
+        queues = []
+        for i, v in enumerate(self.vrings):
+            desc, avail, used = v.addrs
+            q = Queue(v.size, desc, avail, used, vector=i, event_idx=event_idx)
+            q.next_avail = v.base
+            q.next_used = v.base
+            queues.append(q)
+        interrupt = CallInterrupt({i: v.call for i, v in enumerate(self.vrings)})
+        interrupt.on_needs_reset = lambda why: log.error("device needs reset: %s", why)
+        self.device.activate(self.mem, interrupt,
+                             [(i, q, v.kick) for i, (q, v) in enumerate(zip(queues, self.vrings))])
+        self.queues = queues
+        log.info("vhost-user back-end: %s active with %d ring(s)",
+                 self.device.debug_label(), len(queues))
+
+    def _deactivate(self) -> dict[int, int]:
+        """Stop the device; each ring's next available index."""
+        if self.queues is None:
+            return {}
+        self.device.reset()
+        bases = {i: q.next_avail for i, q in enumerate(self.queues)}
+        self.queues = None
+        return bases
+
+
+def _fds_of(ancdata) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def serve_socket(device: V.VirtioDevice, path: str) -> None:
+    """Listen on `path`, serve one front-end until it disconnects, then return."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        log.info("vhost-user back-end: %s waiting on %s", device.debug_label(), path)
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    with conn:
+        DeviceBackend(device, conn).serve()
