@@ -12,6 +12,7 @@ holds no more fds than before (every received fd is closed or owned and released
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
 import struct
@@ -56,8 +57,10 @@ def one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     before = _fd_count()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    memfd = os.memfd_create("fuzz-guest")
+    memfd = os.memfd_create("fuzz-guest", os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, MEM_SIZE // 2 if fdp.ConsumeBool() else MEM_SIZE)
+    if fdp.ConsumeBool():  # as a real front-end's memory is
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     event = os.eventfd(0)
     rng = Rng()
     try:

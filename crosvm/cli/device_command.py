@@ -47,6 +47,8 @@ def parse(args: list[str]) -> tuple[str, str, str, bool]:
     for key in ("socket", "file"):
         if not values.get(key):
             raise DeviceUsageError(f"crosvm device {kind}: --{key} PATH is required")
+    if len(values["socket"].encode()) >= 108:  # sun_path
+        raise DeviceUsageError(f"crosvm device {kind}: socket path is longer than 107 bytes")
     path, _, flags = values["file"].partition(",")
     if flags not in ("", "ro"):
         raise DeviceUsageError(f"crosvm device {kind}: --file {values['file']}: expected "

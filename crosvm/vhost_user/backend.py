@@ -53,22 +53,25 @@ class CallInterrupt(V.Interrupt):
 
 
 class Vring:
-    """What the front-end told us about one ring."""
+    """What the front-end told us about one ring. Addresses are kept as the front-end
+    gave them (its virtual addresses) and translated at activation, so a new memory
+    table re-translates them."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self.size = max_size
-        self.addrs: tuple[int, int, int] | None = None  # desc, avail, used (guest)
+        self.user_addrs: tuple[int, int, int] | None = None  # desc, avail, used
         self.base = 0
         self.kick: Event | None = None
         self.call: Event | None = None
+        self.err: Event | None = None
         self.enabled = False
 
     def close(self) -> None:
-        for event in (self.kick, self.call):
+        for event in (self.kick, self.call, self.err):
             if event is not None:
                 event.close()
-        self.kick = self.call = None
+        self.kick = self.call = self.err = None
 
 
 class DeviceBackend:
@@ -89,8 +92,13 @@ class DeviceBackend:
         try:
             while self._one_message():
                 pass
+        except V.WorkerStuck as e:  # a device that will not stop: end, say why
+            log.error("vhost-user back-end: %s; closing the connection", e)
         finally:
-            self._deactivate()
+            try:
+                self._deactivate()
+            except V.WorkerStuck as e:
+                log.error("vhost-user back-end: %s", e)
             for vring in self.vrings:
                 vring.close()
             if self.mem is not None:
@@ -121,12 +129,15 @@ class DeviceBackend:
             reply, status = None, 1
         finally:
             _close_all(fds)  # handlers dup what they keep
-        if header.request in P.REPLIES:
-            if reply is None:  # no data to give: the front-end would wait forever
-                return False
-            self._send(header.request, reply)
-        elif header.need_reply and self.protocol & P.ProtocolFeature.REPLY_ACK:
-            self._send(header.request, P.u64(status))
+        try:
+            if header.request in P.REPLIES:
+                if reply is None:  # no data to give: the front-end would wait forever
+                    return False
+                self._send(header.request, reply)
+            elif header.need_reply and self.protocol & P.ProtocolFeature.REPLY_ACK:
+                self._send(header.request, P.u64(status))
+        except ConnectionError:
+            return False  # the front-end went away first: an ordinary end
         return True
 
     def _recv(self, size: int, with_fds: bool = False) -> tuple[bytes | None, list[int]]:
@@ -187,30 +198,30 @@ class DeviceBackend:
         if code == R.SET_VRING_ADDR:
             addr = P.decode_vring_addr(payload)
             vring = self._vring(addr.index)
-            vring.addrs = (self._guest(addr.desc), self._guest(addr.avail),
-                           self._guest(addr.used))
+            self._stopped_for_change(lambda: setattr(
+                vring, "user_addrs", (addr.desc, addr.avail, addr.used)))
             return None
         if code in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
             index, has_fd = P.decode_vring_fd(payload)
             vring = self._vring(index)
             if has_fd != (len(fds) == 1):
                 raise RequestFailed(f"expected {1 if has_fd else 0} fd, got {len(fds)}")
-            if code == R.SET_VRING_ERR:
-                return None
             if not has_fd:
+                if code == R.SET_VRING_ERR:
+                    return None
                 raise RequestFailed("rings without an eventfd (polling) are not supported")
-            event = Event(os.dup(fds[0]))
-            if code == R.SET_VRING_KICK:
-                if vring.kick is not None:
-                    vring.kick.close()
-                vring.kick = event
-                if not self.features & P.F_PROTOCOL_FEATURES:
+            event = _eventfd(fds[0])
+            name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call",
+                    R.SET_VRING_ERR: "err"}[code]
+
+            def swap() -> None:  # the device is stopped: nothing holds the old one
+                old = getattr(vring, name)
+                setattr(vring, name, event)
+                if old is not None:
+                    old.close()
+                if code == R.SET_VRING_KICK and not self.features & P.F_PROTOCOL_FEATURES:
                     vring.enabled = True  # without the extension a kick fd starts it
-            else:
-                if vring.call is not None:
-                    vring.call.close()
-                vring.call = event
-            self._maybe_activate()
+            self._stopped_for_change(swap)
             return None
         raise RequestFailed(f"request {code} is not supported")
 
@@ -225,71 +236,128 @@ class DeviceBackend:
             if not 0 < num <= vring.max_size or num & (num - 1):
                 raise RequestFailed(f"ring {index}: size {num} (a power of two up to "
                                     f"{vring.max_size})")
-            vring.size = num
+            self._stopped_for_change(lambda: setattr(vring, "size", num))
         elif code == R.SET_VRING_BASE:
             if num > 0xFFFF:
                 raise RequestFailed(f"ring {index}: base {num} does not fit 16 bits")
-            vring.base = num
+            self._stopped_for_change(lambda: setattr(vring, "base", num))
         elif code == R.SET_VRING_ENABLE:
-            vring.enabled = bool(num)
             if num:
+                vring.enabled = True
                 self._maybe_activate()
             else:
-                self._deactivate()
+                self._deactivate()  # keeps where every ring stopped
+                vring.enabled = False
+                self._maybe_activate()  # the others go on (none, while one is off)
         else:  # GET_VRING_BASE: stop the ring (the device: all), say where it stopped
-            for i, base in self._deactivate().items():
-                self.vrings[i].base = base
+            self._deactivate()
             vring.enabled = False
             return P.vring_state(index, vring.base)
         return None
 
     def _set_mem_table(self, payload: bytes, fds: list[int]) -> None:
         regions = P.decode_memory_table(payload, len(fds))
-        self._deactivate()
+        for fd in fds:
+            _check_sealed(fd)
         mem = GuestMemory.from_fds([(r.guest_addr, r.size, fd, r.mmap_offset)
                                     for r, fd in zip(regions, fds)])
-        if self.mem is not None:
-            self.mem.close()
-        self.mem, self.table = mem, regions
 
-    def _guest(self, user_addr: int) -> int:
-        """The guest address of a front-end virtual address, by the memory table."""
+        def swap() -> None:
+            if self.mem is not None:
+                self.mem.close()
+            self.mem, self.table = mem, regions
+        self._stopped_for_change(swap)
+
+    def _guest_range(self, user_addr: int, length: int, align: int, what: str) -> int:
+        """The guest address of a front-end virtual address range, which must lie in one
+        region of the memory table and be aligned as the spec requires."""
+        if user_addr % align:
+            raise RequestFailed(f"{what} at {user_addr:#x} is not {align}-byte aligned")
         for r in self.table:
-            if r.user_addr <= user_addr < r.user_addr + r.size:
+            if r.user_addr <= user_addr and user_addr + length <= r.user_addr + r.size:
                 return r.guest_addr + user_addr - r.user_addr
-        raise RequestFailed(f"ring address {user_addr:#x} is outside the memory table")
+        raise RequestFailed(f"{what} at {user_addr:#x}+{length:#x} is not inside one region "
+                            "of the memory table")
 
     # -- the device ----------------------------------------------------------------
+    def _stopped_for_change(self, change) -> None:
+        """Apply `change` to ring or memory state with the device stopped (keeping
+        every ring's position), then start it again if it was running."""
+        was_active = self.queues is not None
+        self._deactivate()
+        change()
+        if was_active:
+            self._maybe_activate()
+
     def _maybe_activate(self) -> None:
         """Activate once every ring is described, has both eventfds and is enabled."""
         if self.queues is not None or self.mem is None:
             return
-        if not all(v.enabled and v.addrs and v.kick and v.call for v in self.vrings):
+        if not all(v.enabled and v.user_addrs and v.kick and v.call for v in self.vrings):
             return
         event_idx = bool(self.features >> V.VIRTIO_RING_F_EVENT_IDX & 1)
+        extra = 2 if event_idx else 0  # used_event / avail_event after the rings
         queues = []
         for i, v in enumerate(self.vrings):
-            desc, avail, used = v.addrs
-            q = Queue(v.size, desc, avail, used, vector=i, event_idx=event_idx)
+            desc, avail, used = v.user_addrs
+            q = Queue(v.size,
+                      self._guest_range(desc, 16 * v.size, 16, f"ring {i} descriptors"),
+                      self._guest_range(avail, 4 + 2 * v.size + extra, 2, f"ring {i} avail"),
+                      self._guest_range(used, 4 + 8 * v.size + extra, 4, f"ring {i} used"),
+                      vector=i, event_idx=event_idx)
             q.next_avail = v.base
             q.next_used = v.base
             queues.append(q)
+
+        def needs_reset(why: str) -> None:
+            log.error("vhost-user back-end: %s needs reset: %s", self.device.debug_label(), why)
+            for v in self.vrings:  # tell the front-end (SET_VRING_ERR), if it gave one
+                if v.err is not None:
+                    v.err.signal()
+
         interrupt = CallInterrupt({i: v.call for i, v in enumerate(self.vrings)})
-        interrupt.on_needs_reset = lambda why: log.error("device needs reset: %s", why)
+        interrupt.on_needs_reset = needs_reset
         self.device.activate(self.mem, interrupt,
                              [(i, q, v.kick) for i, (q, v) in enumerate(zip(queues, self.vrings))])
         self.queues = queues
         log.info("vhost-user back-end: %s active with %d ring(s)",
                  self.device.debug_label(), len(queues))
 
-    def _deactivate(self) -> dict[int, int]:
-        """Stop the device; each ring's next available index."""
+    def _deactivate(self) -> None:
+        """Stop the device, keeping where each ring stopped (its next used index: a
+        chain the stop abandoned half way is served again, which is harmless for
+        block requests, rather than lost)."""
         if self.queues is None:
-            return {}
+            return
         self.device.reset()
-        bases = {i: q.next_avail for i, q in enumerate(self.queues)}
+        for vring, queue in zip(self.vrings, self.queues):
+            vring.base = queue.next_used
         self.queues = None
-        return bases
+
+
+def _eventfd(fd: int) -> Event:
+    """Our own descriptor of an eventfd the front-end sent; anything else is refused
+    (a pipe or a file would block or spin the worker)."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise RequestFailed(f"cannot inspect the fd sent: {e.strerror}") from None
+    if kind != "anon_inode:[eventfd]":
+        raise RequestFailed(f"expected an eventfd, got {kind}")
+    return Event(os.dup(fd))
+
+
+def _check_sealed(fd: int) -> None:
+    """Guest memory must be a memfd sealed against shrinking: a front-end that
+    truncated it later would make every access past the new end a SIGBUS here."""
+    import fcntl
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise RequestFailed("guest memory must be a memfd (sealable)") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise RequestFailed("guest memory must be sealed against shrinking (F_SEAL_SHRINK; "
+                            "QEMU: memory-backend-memfd with seal=on, its default)")
 
 
 def _fds_of(ancdata) -> list[int]:
@@ -309,18 +377,22 @@ def _close_all(fds: list[int]) -> None:
 
 
 def serve_socket(device: V.VirtioDevice, path: str) -> None:
-    """Listen on `path`, serve one front-end until it disconnects, then return."""
+    """Listen on `path`, serve one front-end until it disconnects, then return. The
+    socket file is removed once connected (only the one this process made)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bound = False
     try:
         listener.bind(path)
+        bound = True
         listener.listen(1)
         log.info("vhost-user back-end: %s waiting on %s", device.debug_label(), path)
         conn, _ = listener.accept()
     finally:
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if bound:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
     with conn:
         DeviceBackend(device, conn).serve()

@@ -186,6 +186,8 @@ def decode_vring_addr(payload: bytes) -> VringAddr:
 
 def vring_fd(index: int, has_fd: bool) -> bytes:
     """SET_VRING_KICK/CALL/ERR's u64: the index, and NOFD when no fd is attached."""
+    if not 0 <= index <= VRING_INDEX_MASK:
+        raise ProtocolError(f"vring index {index} does not fit the message")
     return U64.pack(index | (0 if has_fd else VRING_NOFD))
 
 

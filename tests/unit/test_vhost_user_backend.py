@@ -4,6 +4,7 @@ front-end over a real socket; a hostile front-end's requests refused one by one.
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import socket
 import struct
@@ -102,26 +103,116 @@ def test_our_frontend_and_backend_serve_a_request_end_to_end(tmp_path, mem):
     assert not server.is_alive()  # the back-end ends with its front-end
 
 
-def test_memory_region_past_the_end_of_its_file_is_refused(client):
-    fd = os.memfd_create("small")
+def sealed_memfd(size: int) -> int:
+    """Guest memory as a front-end (ours, QEMU's memfd backend) makes it."""
+    fd = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def test_memory_that_may_shrink_is_refused(client):
+    fd = os.memfd_create("unsealed")
     os.ftruncate(fd, MIB)
+    table = P.memory_table([P.MemoryRegion(0, MIB, 0x7000_0000, 0)])
+
+    assert client.status(P.Request.SET_MEM_TABLE, table, [fd]) == 1
+    os.close(fd)
+
+
+def test_memory_region_past_the_end_of_its_file_is_refused(client):
+    fd = sealed_memfd(MIB)
     table = P.memory_table([P.MemoryRegion(0, 4 * MIB, 0x7000_0000, 0)])
 
     assert client.status(P.Request.SET_MEM_TABLE, table, [fd]) == 1
     os.close(fd)
 
 
-def test_ring_address_outside_the_memory_table_is_refused(client):
-    fd = os.memfd_create("mem")
-    os.ftruncate(fd, MIB)
-    table = P.memory_table([P.MemoryRegion(0, MIB, 0x7000_0000, 0)])
-    assert client.status(P.Request.SET_MEM_TABLE, table, [fd]) == 0
-    os.close(fd)
+def start_ring(client: Client, mem: GuestMemory, driver: QueueDriver) -> Event:
+    """Ring 0 on `driver`'s queue, started as a front-end does; its kick event."""
+    host = mem.regions[0].host_address()
+    q = driver.queue
+    table = P.memory_table([P.MemoryRegion(0, mem.size, host, 0)])
+    kick, call = Event(), Event()
+    for request, payload, fds in (
+            (P.Request.SET_MEM_TABLE, table, [mem.memfd]),
+            (P.Request.SET_VRING_NUM, P.vring_state(0, q.size), []),
+            (P.Request.SET_VRING_ADDR, P.vring_addr(P.VringAddr(
+                0, 0, host + q.desc_table, host + q.used_ring, host + q.avail_ring, 0)), []),
+            (P.Request.SET_VRING_BASE, P.vring_state(0, 0), []),
+            (P.Request.SET_VRING_KICK, P.vring_fd(0, True), [kick.fd]),
+            (P.Request.SET_VRING_CALL, P.vring_fd(0, True), [call.fd]),
+            (P.Request.SET_VRING_ENABLE, P.vring_state(0, 1), [])):
+        assert client.status(request, payload, fds) == 0, request.name
+    return kick
 
-    status = client.status(P.Request.SET_VRING_ADDR, P.vring_addr(
-        P.VringAddr(0, 0, 0x7000_0000, 0x7000_1000, 0x9000_0000, 0)))
 
+def wait_used(driver: QueueDriver, count: int) -> list[tuple[int, int]]:
+    used: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 5
+    while len(used) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+        used += driver.used()
+    return used
+
+
+def test_disabled_ring_reports_where_it_stopped_and_resumes_there(client, mem):
+    driver = QueueDriver(mem, size=256)
+    kick = start_ring(client, mem, driver)
+    for _ in range(3):
+        driver.add_buffers([], [16])
+    kick.signal()
+    assert len(wait_used(driver, 3)) == 3
+
+    assert client.status(P.Request.SET_VRING_ENABLE, P.vring_state(0, 0)) == 0
+    client.send(P.Request.GET_VRING_BASE, P.vring_state(0, 0), ack=False)
+    base = P.decode_vring_state(client.reply()[1])
+    assert client.status(P.Request.SET_VRING_ENABLE, P.vring_state(0, 1)) == 0
+    head, _ = driver.add_buffers([], [16])
+    kick.signal()
+
+    assert base == (0, 3)
+    assert wait_used(driver, 1) == [(head, 16)]  # only the new one: nothing replayed
+
+
+def test_ring_that_does_not_fit_its_region_is_refused(client, mem):
+    driver = QueueDriver(mem, size=256)
+    host = mem.regions[0].host_address()
+    table = P.memory_table([P.MemoryRegion(0, mem.size, host, 0)])
+    assert client.status(P.Request.SET_MEM_TABLE, table, [mem.memfd]) == 0
+    for request, payload in ((P.Request.SET_VRING_NUM, P.vring_state(0, 256)),
+                             (P.Request.SET_VRING_BASE, P.vring_state(0, 0))):
+        assert client.status(request, payload) == 0
+    kick, call = Event(), Event()
+    assert client.status(P.Request.SET_VRING_KICK, P.vring_fd(0, True), [kick.fd]) == 0
+    assert client.status(P.Request.SET_VRING_CALL, P.vring_fd(0, True), [call.fd]) == 0
+    end = host + mem.size
+    assert client.status(P.Request.SET_VRING_ADDR, P.vring_addr(P.VringAddr(
+        0, 0, end - 16, host + driver.queue.used_ring, host + driver.queue.avail_ring, 0))) == 0
+
+    status = client.status(P.Request.SET_VRING_ENABLE, P.vring_state(0, 1))
+
+    assert status == 1  # the descriptor table would run past the end of guest memory
+
+
+def test_kick_that_is_not_an_eventfd_is_refused(client):
+    r, w = os.pipe()
+
+    status = client.status(P.Request.SET_VRING_KICK, P.vring_fd(0, True), [r])
+
+    os.close(r)
+    os.close(w)
     assert status == 1
+
+
+def test_socket_path_that_exists_is_left_alone(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+
+    with pytest.raises(OSError):
+        serve_socket(Rng(), str(precious))
+
+    assert precious.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("size", [0, 3, 512])

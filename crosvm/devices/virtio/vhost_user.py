@@ -108,8 +108,9 @@ class VhostUserFrontend(V.VirtioDevice):
         max_queues = num_queues
         if self.protocol & P.ProtocolFeature.MQ:
             max_queues = P.decode_u64(c.request(P.Request.GET_QUEUE_NUM), "queue number")
-            if not num_queues <= max_queues <= P.MAX_QUEUES and not (
-                    self.kind == "block" and 0 < max_queues):
+            if self.kind == "block":  # one is enough; more than we can index is not used
+                max_queues = min(max_queues, P.MAX_QUEUES)
+            if not num_queues <= max_queues <= P.MAX_QUEUES:
                 raise BackendError(f"{c.label}: the back-end has {max_queues} queues; a "
                                    f"{self.kind} device needs {num_queues}")
         self.config = b""
