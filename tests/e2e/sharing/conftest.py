@@ -72,12 +72,16 @@ def vm(request, kernel, initramfs):
             g.ugid_share = ugid
             g.payload = payload
             g.vu_image, g.vu_share, g.victim_daemon = image, vu_share, victim_daemon
+            # Each mount only if not there yet: a command the host's platform fault
+            # killed half way is run again whole by the harness.
+            mounts = [(f"-t virtiofs {VU_FS_TAG}", VU_MOUNT),
+                      (f"-t 9p -o trans=virtio,version=9p2000.L {P9_TAG}", MOUNTS["p9"]),
+                      (f"-t virtiofs {FS_TAG}", MOUNTS["fs"]),
+                      (f"-t virtiofs {UGID_TAG}", UGID_MOUNT)]
             g.mounted = g.run(
-                f"mkdir -p {MOUNTS['p9']} {MOUNTS['fs']} {UGID_MOUNT} {VU_MOUNT} && "
-                f"mount -t virtiofs {VU_FS_TAG} {VU_MOUNT} && "
-                f"mount -t 9p -o trans=virtio,version=9p2000.L {P9_TAG} {MOUNTS['p9']} && "
-                f"mount -t virtiofs {FS_TAG} {MOUNTS['fs']} && "
-                f"mount -t virtiofs {UGID_TAG} {UGID_MOUNT}")
+                f"mkdir -p {' '.join(d for _, d in mounts)} && " + " && ".join(
+                    f"{{ grep -q ' {d} ' /proc/mounts || mount {how} {d}; }}"
+                    for how, d in mounts))
             yield g
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
