@@ -158,6 +158,8 @@ class DeviceProcess:
     runs in the child after jailing (to start input threads, say).
     """
 
+    _id_map: IdMapRequest | None = None  # until mapped (a root VMM's jailed device)
+
     def __init__(self, device: object, name: str, keep_fds: list[int], jail: Jail | None,
                  host: HostRequests, start: Callable[[], None] | None = None) -> None:
         self.name = name
