@@ -15,12 +15,13 @@ size, addresses inside the table, fds present) and a bad one fails that request.
 
 from __future__ import annotations
 
-import array
+import fcntl
 import logging
 import os
 import socket
 
 from crosvm.base import Event
+from crosvm.base.fdpass import close_fds, fds_from
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.queue import Queue
 from crosvm.vhost_user import protocol as P
@@ -115,11 +116,11 @@ class DeviceBackend:
             header = P.decode_header(raw)
             payload, _ = self._recv(header.size) if header.size else (b"", [])
             if payload is None:
-                _close_all(fds)
+                close_fds(fds)
                 return False
         except (P.ProtocolError, ConnectionError) as e:
             log.error("vhost-user back-end: %s; closing the connection", e)
-            _close_all(fds)
+            close_fds(fds)
             return False
         try:
             reply = self._handle(header, payload, fds)
@@ -128,7 +129,7 @@ class DeviceBackend:
             log.error("vhost-user back-end: request %d refused: %s", header.request, e)
             reply, status = None, 1
         finally:
-            _close_all(fds)  # handlers dup what they keep
+            close_fds(fds)  # handlers dup what they keep
         try:
             if header.request in P.REPLIES:
                 if reply is None:  # no data to give: the front-end would wait forever
@@ -146,9 +147,9 @@ class DeviceBackend:
         while len(data) < size:
             chunk, ancdata, _, _ = self.sock.recvmsg(
                 size - len(data), socket.CMSG_SPACE(4 * P.MAX_FDS) if with_fds else 0)
-            fds += _fds_of(ancdata)
+            fds += fds_from(ancdata)
             if not chunk:
-                _close_all(fds)
+                close_fds(fds)
                 return None, []
             data += chunk
             with_fds = False  # fds come with the header's bytes
@@ -350,7 +351,6 @@ def _eventfd(fd: int) -> Event:
 def _check_sealed(fd: int) -> None:
     """Guest memory must be a memfd sealed against shrinking: a front-end that
     truncated it later would make every access past the new end a SIGBUS here."""
-    import fcntl
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
@@ -358,22 +358,6 @@ def _check_sealed(fd: int) -> None:
     if not seals & fcntl.F_SEAL_SHRINK:
         raise RequestFailed("guest memory must be sealed against shrinking (F_SEAL_SHRINK; "
                             "QEMU: memory-backend-memfd with seal=on, its default)")
-
-
-def _fds_of(ancdata) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def serve_socket(device: V.VirtioDevice, path: str) -> None:

@@ -8,10 +8,10 @@ size or shape, a missing reply (`timeout`) or a closed socket is a `BackendError
 from __future__ import annotations
 
 import array
-import os
 import socket
 import time
 
+from crosvm.base.fdpass import close_fds, fds_from
 from crosvm.vhost_user import protocol as P
 
 
@@ -116,7 +116,7 @@ class BackendConnection:
                        else f"no answer within {self.timeout:g} s")
                 raise BackendError(f"{self.label}: waiting for the reply to {request.name}: "
                                    f"{why}") from None
-            _close_fds(ancdata)
+            close_fds(fds_from(ancdata))
             if not chunk:
                 raise BackendError(f"{self.label}: the back-end closed the connection "
                                    f"(while waiting for the reply to {request.name})")
@@ -130,12 +130,3 @@ class BackendConnection:
         if remaining <= 0:
             raise ValueError("the request's time is up")
         self.sock.settimeout(remaining)
-
-
-def _close_fds(ancdata) -> None:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            for fd in fds:
-                os.close(fd)

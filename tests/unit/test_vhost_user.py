@@ -3,8 +3,6 @@ real Unix socket (no KVM, no guest)."""
 
 from __future__ import annotations
 
-import array
-import os
 import socket
 import struct
 import threading
@@ -14,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from crosvm.base import Event
+from crosvm.base.fdpass import close_fds, fds_from
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.queue import Queue
 from crosvm.devices.virtio.vhost_user import VhostUserError, VhostUserFrontend
@@ -70,11 +69,8 @@ class FakeBackend:
                 if not chunk:
                     return
                 payload += chunk
-            fds = array.array("i")
-            for _, _, data in anc:
-                fds.frombytes(data)
-            for fd in fds:
-                os.close(fd)
+            fds = fds_from(anc)
+            close_fds(fds)
             self.seen.append((header.request, payload, len(fds)))
             reply = self.replies.get(header.request)
             if callable(reply):
