@@ -23,6 +23,7 @@ Commands:
   create_composite  Create a composite disk: crosvm create_composite PATH LABEL:PARTITION...
   create_qcow2      Create a qcow2 image: crosvm create_qcow2 PATH [SIZE] [--backing-file F]
   device    Serve a device over vhost-user: crosvm device block --socket PATH --file IMG
+  devices   Serve several, each jailed: crosvm devices --block vhost=PATH,path=IMG ...
   stop      Stop a VM: crosvm stop VM_SOCKET
   suspend / resume [--full] VM_SOCKET   Pause or resume a VM (--full: devices too)
   powerbtn / sleepbtn VM_SOCKET         Press the VM's ACPI power or sleep button
@@ -229,16 +230,20 @@ def _control_command(name: str):
     return command
 
 
-def cmd_device(args: list[str]) -> int:
-    """`crosvm device TYPE ...`: a vhost-user back-end (imported when used)."""
-    from crosvm.cli.device_command import DeviceUsageError, cmd_device as run_device
-    try:
-        return run_device(args)
-    except DeviceUsageError as e:
-        raise UsageError(str(e)) from None
+def _backend_command(name: str):
+    """`crosvm device TYPE ...` / `crosvm devices ...`: vhost-user back-ends (imported
+    when used)."""
+    def command(args: list[str]) -> int:
+        from crosvm.cli import device_command
+        try:
+            return getattr(device_command, f"cmd_{name}")(args)
+        except device_command.DeviceUsageError as e:
+            raise UsageError(str(e)) from None
+    return command
 
 
-COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version, "device": cmd_device,
+COMMANDS = {"run": cmd_run, "stop": cmd_stop, "version": cmd_version,
+            "device": _backend_command("device"), "devices": _backend_command("devices"),
             "create_qcow2": _disk_command("create_qcow2"),
             "create_composite": _disk_command("create_composite"),
             **{name: _control_command(name) for name in CONTROL_COMMAND_NAMES}}

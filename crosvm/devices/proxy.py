@@ -13,10 +13,8 @@ sends is unpickled or executed.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-import resource
 import signal
 import socket
 import struct
@@ -26,8 +24,9 @@ from typing import Callable
 
 from crosvm.devices.bus import BusDevice
 from crosvm.devices.pci.device import PciDevice
-from crosvm.jail import Jail, JailError, set_name
-from crosvm.jail.jail import PR_SET_PDEATHSIG, IdMapRequest, JailConfig, prctl
+from crosvm.jail import Jail, JailError
+from crosvm.jail.jail import IdMapRequest, JailConfig
+from crosvm.jail.spawn import spawn
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +100,6 @@ class HostRequests:
             self._exit(code)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    last = 0
-    for fd in sorted(keep) + [limit]:
-        if fd > last:
-            os.closerange(last, fd)
-        last = fd + 1
-
-
 def _serve(device: object, sock: socket.socket, host: HostRequests) -> None:
     is_pci = isinstance(device, PciDevice)
     while True:
@@ -171,38 +161,15 @@ class DeviceProcess:
             seccomp_filter = jail.filter_for(policy)  # compiled here, before the fork
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         jail_config = device.jail_config() if hasattr(device, "jail_config") else JailConfig()
-        id_map = (IdMapRequest(jail_config.uid_map, jail_config.gid_map)
-                  if jail is not None and os.geteuid() == 0 else None)
-        # Objects that exist now are never collected in the device: its collector would
-        # write to every one of them and copy the VMM's whole heap into the device.
-        gc.freeze()
-        try:
-            pid = jail.fork() if jail is not None else os.fork()
-        except BaseException:
-            gc.unfreeze()
-            raise
-        if pid == 0:  # the device process
-            status = 1
-            try:
-                parent_sock.close()
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                # Ctrl-C on the terminal is for the VMM (exit 0), not a device crash.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                _close_fds_except(set(keep_fds) | {child_sock.fileno(), 2}
-                                  | set(id_map.child_fds() if id_map is not None else ()))
-                set_name(name)
-                if jail is not None:
-                    jail.enter(seccomp_filter, id_map, config=jail_config)
-                host.queued = []
-                if start is not None:
-                    start()
-                _serve(device, child_sock, host)
-                status = 0
-            except BaseException:  # noqa: BLE001 - report and die, never return to the VMM
-                log.exception("%s: device process failed", name)
-            finally:
-                os._exit(status)
-        gc.unfreeze()  # in the VMM the collector keeps collecting what existed at the fork
+
+        def body() -> None:
+            parent_sock.detach()  # its fd is closed already (not kept): forget it
+            host.queued = []
+            if start is not None:
+                start()
+            _serve(device, child_sock, host)
+        pid, id_map = spawn(name, body, set(keep_fds) | {child_sock.fileno()}, jail,
+                            seccomp_filter, jail_config)
         child_sock.close()
         close_in_vmm = getattr(device, "close_in_vmm", None)
         if close_in_vmm is not None:  # a connection only the device process may hold

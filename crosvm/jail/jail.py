@@ -233,21 +233,33 @@ class Jail:
             self._in_new_pid_ns = True
         return pid
 
-    def filter_for(self, policy: str) -> bytes:
+    def filter_for(self, policy: str, widen: str | None = None) -> bytes:
         """The BPF for `<policy_dir>/<policy>.policy` (or `policy` itself when it is an
         absolute path), compiled once (call it before fork).
 
+        `widen` names a second policy whose rules are added, replacing the first's for
+        the syscalls it names (a vhost-user back-end: the device's own policy plus
+        serving the socket and mapping the front-end's memory).
+
         A syscall outside the policy kills the process (SIGSYS), or with
         `seccomp_log_failures` is allowed and logged by the kernel."""
-        if policy not in self._filters:
-            path = policy if os.path.isabs(policy) else os.path.join(
-                self.seccomp_policy_dir, f"{policy}.policy")
+        key = policy if widen is None else f"{policy}+{widen}"
+        if key not in self._filters:
             default = ACT_LOG if self.seccomp_log_failures else ACT_KILL_PROCESS
             try:
-                self._filters[policy] = compile_filter(load_policy(path).rules, default)
+                rules = load_policy(self._policy_path(policy)).rules
+                if widen is not None:
+                    extra = load_policy(self._policy_path(widen)).rules
+                    replaced = {r.syscall for r in extra}
+                    rules = [r for r in rules if r.syscall not in replaced] + extra
+                self._filters[key] = compile_filter(rules, default)
             except (PolicyError, SeccompError) as e:
-                raise JailError(f"seccomp policy {policy}: {e}") from None
-        return self._filters[policy]
+                raise JailError(f"seccomp policy {key}: {e}") from None
+        return self._filters[key]
+
+    def _policy_path(self, policy: str) -> str:
+        return policy if os.path.isabs(policy) else os.path.join(
+            self.seccomp_policy_dir, f"{policy}.policy")
 
     def enter(self, seccomp_filter: bytes | None = None,
               id_map: "IdMapRequest | None" = None, binds: list[str] | None = None,

@@ -78,9 +78,11 @@ class Vring:
 class DeviceBackend:
     """Serves `device` to one front-end connection (`serve` returns when it closes)."""
 
-    def __init__(self, device: V.VirtioDevice, sock: socket.socket) -> None:
+    def __init__(self, device: V.VirtioDevice, sock: socket.socket,
+                 fd_dir: int | None = None) -> None:
         self.device = device
         self.sock = sock
+        self.fd_dir = fd_dir  # /proc/self/fd, opened before a jail hid /proc
         self.vrings = [Vring(n) for n in device.queue_max_sizes()]
         self.features = 0
         self.protocol = P.ProtocolFeature(0)
@@ -211,7 +213,7 @@ class DeviceBackend:
                 if code == R.SET_VRING_ERR:
                     return None
                 raise RequestFailed("rings without an eventfd (polling) are not supported")
-            event = _eventfd(fds[0])
+            event = _eventfd(fds[0], self.fd_dir)
             name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call",
                     R.SET_VRING_ERR: "err"}[code]
 
@@ -336,11 +338,13 @@ class DeviceBackend:
         self.queues = None
 
 
-def _eventfd(fd: int) -> Event:
+def _eventfd(fd: int, fd_dir: int | None = None) -> Event:
     """Our own descriptor of an eventfd the front-end sent; anything else is refused
-    (a pipe or a file would block or spin the worker)."""
+    (a pipe or a file would block or spin the worker). `fd_dir`: this process's
+    /proc/self/fd, when /proc is not in its root."""
     try:
-        kind = os.readlink(f"/proc/self/fd/{fd}")
+        kind = (os.readlink(str(fd), dir_fd=fd_dir) if fd_dir is not None
+                else os.readlink(f"/proc/self/fd/{fd}"))
     except OSError as e:
         raise RequestFailed(f"cannot inspect the fd sent: {e.strerror}") from None
     if kind != "anon_inode:[eventfd]":
@@ -360,23 +364,43 @@ def _check_sealed(fd: int) -> None:
                             "QEMU: memory-backend-memfd with seal=on, its default)")
 
 
-def serve_socket(device: V.VirtioDevice, path: str) -> None:
-    """Listen on `path`, serve one front-end until it disconnects, then return. The
-    socket file is removed once connected (only the one this process made)."""
+def listen(path: str) -> socket.socket:
+    """A listening socket bound at `path` (an existing file there is an error, never
+    replaced: it may be another back-end's)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    bound = False
     try:
         listener.bind(path)
-        bound = True
         listener.listen(1)
-        log.info("vhost-user back-end: %s waiting on %s", device.debug_label(), path)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def serve_listener(device: V.VirtioDevice, listener: socket.socket,
+                   on_connect=None, fd_dir: int | None = None) -> None:
+    """Serve one front-end that connects to `listener` until it disconnects. The
+    listener is closed once a front-end is connected, and `on_connect` runs then
+    (removing the socket file)."""
+    try:
+        log.info("vhost-user back-end: %s waiting for a front-end", device.debug_label())
         conn, _ = listener.accept()
     finally:
         listener.close()
-        if bound:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if on_connect is not None:
+            on_connect()
     with conn:
-        DeviceBackend(device, conn).serve()
+        DeviceBackend(device, conn, fd_dir).serve()
+
+
+def serve_socket(device: V.VirtioDevice, path: str) -> None:
+    """Listen on `path`, serve one front-end until it disconnects, then return. The
+    socket file is removed once connected (only the one this process made)."""
+    listener = listen(path)
+
+    def unlink() -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    serve_listener(device, listener, unlink)

@@ -16,6 +16,7 @@ from crosvm.arch.x86_64.acpi import PmPorts
 from crosvm.arch.x86_64.boot import BASE_CMDLINE, BootError, initrd_addr_max, write_boot_data
 from crosvm.arch.x86_64.cpuid import adjust_cpuid, phys_address_bits
 from crosvm.base import Event
+from crosvm.base.unix_socket import remove_socket
 from crosvm.config import Config, ConfigError
 from crosvm.devices.acpi import AcpiPm
 from crosvm.devices.bus import Bus
@@ -80,16 +81,6 @@ def kernel_cmdline(cfg: Config) -> str:
         parts.append(f"root=/dev/pmem{index} {'ro' if pmem.ro else 'rw'}")
     parts.extend(cfg.params)
     return " ".join(parts)
-
-
-def remove_socket(path: str, identity: tuple[int, int]) -> None:
-    """Remove the socket file we bound, not whatever took its place since."""
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == identity:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def _input_starter(fd: int, sink, name: str):
