@@ -128,7 +128,12 @@ def run_one(exe: str, work: str, image: str, backend: str, mode: str, opts,
         if front.returncode:
             raise RunFailed(f"{what}: the front-end failed: {front.stderr.strip()}\n"
                             f"back-end log:\n{tail(log_path)}")
-        fields = dict(word.split("=", 1) for word in front.stdout.split())
+        try:
+            fields = dict(word.split("=", 1) for word in front.stdout.split())
+            figures = {"iops": float(fields["iops"]), "mbps": float(fields["mbps"]),
+                       "per_wake": int(fields["total_ios"]) / max(1, int(fields["wakeups"]))}
+        except (ValueError, KeyError):
+            raise RunFailed(f"{what}: unexpected front-end output {front.stdout!r}") from None
         if backend == "ours":  # it serves one front-end and exits 0 when it goes
             try:
                 code = proc.wait(SOCKET_TIMEOUT)
@@ -139,8 +144,7 @@ def run_one(exe: str, work: str, image: str, backend: str, mode: str, opts,
             if code != 0:
                 raise RunFailed(f"{what}: the back-end exited with {code}\n"
                                 f"{tail(log_path)}")
-        return {"iops": float(fields["iops"]), "mbps": float(fields["mbps"]),
-                "per_wake": int(fields["total_ios"]) / max(1, int(fields["wakeups"]))}
+        return figures
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -88,7 +88,7 @@ class DeviceBackend:
         self.protocol = P.ProtocolFeature(0)
         self.mem: GuestMemory | None = None
         self.table: list[P.MemoryRegion] = []
-        self.queues: list[Queue] | None = None  # while the device is active
+        self.queues: dict[int, Queue] | None = None  # by ring index, while active
 
     # -- the connection ------------------------------------------------------------
     def serve(self) -> None:
@@ -293,15 +293,25 @@ class DeviceBackend:
             self._maybe_activate()
 
     def _maybe_activate(self) -> None:
-        """Activate once every ring is described, has both eventfds and is enabled."""
-        if self.queues is not None or self.mem is None:
+        """Activate the device on every ring that is described, has both eventfds and
+        is enabled (again, with one more, when another ring starts). The front-end may
+        leave rings unused (a net control queue it does not expose): a device that
+        cannot run on the rings started so far (activate raises ValueError) waits for
+        more."""
+        if self.mem is None:
             return
-        if not all(v.enabled and v.user_addrs and v.kick and v.call for v in self.vrings):
+        ready = [i for i, v in enumerate(self.vrings)
+                 if v.enabled and v.user_addrs and v.kick and v.call]
+        if self.queues is not None and list(self.queues) == ready:
+            return
+        self._deactivate()  # keeps where every running ring stopped
+        if not ready:
             return
         event_idx = bool(self.features >> V.VIRTIO_RING_F_EVENT_IDX & 1)
         extra = 2 if event_idx else 0  # used_event / avail_event after the rings
-        queues = []
-        for i, v in enumerate(self.vrings):
+        queues: dict[int, Queue] = {}
+        for i in ready:
+            v = self.vrings[i]
             desc, avail, used = v.user_addrs
             q = Queue(v.size,
                       self._guest_range(desc, 16 * v.size, 16, f"ring {i} descriptors"),
@@ -310,7 +320,7 @@ class DeviceBackend:
                       vector=i, event_idx=event_idx)
             q.next_avail = v.base
             q.next_used = v.base
-            queues.append(q)
+            queues[i] = q
 
         def needs_reset(why: str) -> None:
             log.error("vhost-user back-end: %s needs reset: %s", self.device.debug_label(), why)
@@ -318,13 +328,18 @@ class DeviceBackend:
                 if v.err is not None:
                     v.err.signal()
 
-        interrupt = CallInterrupt({i: v.call for i, v in enumerate(self.vrings)})
+        interrupt = CallInterrupt({i: self.vrings[i].call for i in queues})
         interrupt.on_needs_reset = needs_reset
-        self.device.activate(self.mem, interrupt,
-                             [(i, q, v.kick) for i, (q, v) in enumerate(zip(queues, self.vrings))])
+        try:
+            self.device.activate(self.mem, interrupt,
+                                 [(i, q, self.vrings[i].kick) for i, q in queues.items()])
+        except ValueError as e:
+            log.debug("vhost-user back-end: %s not started on rings %s: %s",
+                      self.device.debug_label(), ready, e)
+            return
         self.queues = queues
-        log.info("vhost-user back-end: %s active with %d ring(s)",
-                 self.device.debug_label(), len(queues))
+        log.info("vhost-user back-end: %s active with ring(s) %s",
+                 self.device.debug_label(), ", ".join(map(str, ready)))
 
     def _deactivate(self) -> None:
         """Stop the device, keeping where each ring stopped (its next used index: a
@@ -333,8 +348,8 @@ class DeviceBackend:
         if self.queues is None:
             return
         self.device.reset()
-        for vring, queue in zip(self.vrings, self.queues):
-            vring.base = queue.next_used
+        for i, queue in self.queues.items():
+            self.vrings[i].base = queue.next_used
         self.queues = None
 
 

@@ -41,7 +41,7 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return f"vhost_user_{self.kind}"
+        return f"vu_{self.kind}"
 
     def listen(self) -> None:
         """Bind the socket (before any jail: the jailed back-end only accepts)."""

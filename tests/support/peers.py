@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -37,12 +38,13 @@ def _wait_for_socket(proc: subprocess.Popen, path: str, log: str) -> None:
 
 
 @contextlib.contextmanager
-def _daemon(args: list[str], socket_path: str, log: str) -> Iterator[subprocess.Popen]:
+def _daemon(args: list[str], socket_path: str, log: str,
+            pass_fds: tuple[int, ...] = ()) -> Iterator[subprocess.Popen]:
     """`args` started with its output in `log`, yielded once it listens on
     `socket_path`, stopped (terminate, then kill) afterwards."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, pass_fds=pass_fds)
     try:
         _wait_for_socket(proc, socket_path, log)
         yield proc
@@ -67,3 +69,10 @@ def virtiofsd(source: str, socket_path: str, log: str):
     """QEMU's virtiofsd serving `source` (it needs root for its own sandbox)."""
     return _daemon([_require(VIRTIOFSD), f"--socket-path={socket_path}", "-o",
                     f"source={source}", "-o", "cache=auto"], socket_path, log)
+
+
+def crosvm_backends(command: list[str], last_socket: str, log: str,
+                    pass_fds: tuple[int, ...] = ()):
+    """Our own back-ends: `crosvm device ...` or `crosvm devices ...` (`command` after
+    `crosvm`), yielded once `last_socket` (the last one it binds) exists."""
+    return _daemon([sys.executable, "-m", "crosvm", *command], last_socket, log, pass_fds)

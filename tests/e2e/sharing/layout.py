@@ -22,6 +22,15 @@ VU_BLOCK_MIB, VU_VICTIM_MIB = 64, 32
 VU_BLOCK_FILE = {"known.txt": b"served by qemu-storage-daemon\n"}
 VU_FS_TAG = "vufs"
 VU_MOUNT = "/mnt/vufs"
+# Our own back-ends (`crosvm devices`, `crosvm device fs`) on our front-end: an ext4
+# disk (vdc), a NIC on a TAP in the test's netns, a console, a shared directory, and
+# in the sandboxed VM the vsock device.
+OUR_BLOCK_MIB = 48
+OUR_BLOCK_FILE = {"known.txt": b"served by crosvm devices\n"}
+OUR_FS_TAG = "ourfs"
+OUR_FS_MOUNT = "/mnt/ourfs"
+OUR_NET_HOST, OUR_NET_GUEST = "10.78.0.1", "10.78.0.2"
+OUR_CONSOLE_INPUT = b"to-guest\n"
 
 
 def make_share(path: str, payload: bytes) -> None:
