@@ -92,6 +92,8 @@ def _flags(kind: str, args: list[str]) -> dict[str, str]:
             value = rest.pop(0)
         if key in values:
             raise DeviceUsageError(f"crosvm device {kind}: {name} is given twice")
+        if not value:
+            raise DeviceUsageError(f"crosvm device {kind}: {name} is empty")
         values[key] = value
     for key in REQUIRED[kind]:
         if not values.get(key):
@@ -184,6 +186,8 @@ def _parse_net(values: dict[str, str]) -> BackendSpec:
                 "device": "PATH,IP,NETMASK,MAC"}[key]
         raise DeviceUsageError(f"crosvm device net: --{key} {values[key]}: expected {form}")
     sock = _check_socket("crosvm device net", parts[0])
+    if not all(parts):
+        raise DeviceUsageError(f"crosvm device net: --{key} {values[key]}: an empty field")
     if key == "tap-name":
         option = NetOption(tap_name=parts[1], mac=parts[2] if len(parts) == 3 else None)
     elif key == "tap-fd":
@@ -261,9 +265,11 @@ def parse_devices(args: list[str]) -> DevicesCommand:
         except (kv.KeyValueError, ConfigError, TypeError) as e:
             raise DeviceUsageError(f"crosvm devices: {name} {value}: {e}") from None
         sock = _check_socket(f"crosvm devices: {name}", vhost[0].value)
-        if sock in sockets:
+        if os.path.abspath(sock) in sockets:
             raise DeviceUsageError(f"crosvm devices: socket {sock} is given twice")
-        sockets.add(sock)
+        sockets.add(os.path.abspath(sock))
+        if flag == "net" and option.tap_name == "":
+            raise DeviceUsageError(f"crosvm devices: {name} {value}: tap-name is empty")
         try:
             if flag == "block":
                 validate_disks([option])
@@ -272,11 +278,19 @@ def parse_devices(args: list[str]) -> DevicesCommand:
             elif flag == "vsock":
                 validate_vsock(option)
             else:
+                if option.hardware != "serial" or option.console or option.earlycon:
+                    raise DeviceUsageError(f"crosvm devices: {name} {value}: a back-end is "
+                                           "a virtio console; hardware=, console and "
+                                           "earlycon do not apply")
                 option.hardware = "virtio-console"
-                validate_serial([option])
+                option.num = sum(b.kind == "console" for b in cmd.backends) + 1
         except ConfigError as e:
             raise DeviceUsageError(f"crosvm devices: {name} {value}: {e}") from None
         cmd.backends.append(BackendSpec(DEVICES_KINDS[flag], sock, option))
+    try:  # what holds across ports (one stdin, say)
+        validate_serial([b.option for b in cmd.backends if b.kind == "console"])
+    except ConfigError as e:
+        raise DeviceUsageError(f"crosvm devices: --serial: {e}") from None
     if not cmd.backends:
         raise DeviceUsageError("crosvm devices: no device given (--block, --net, --vsock "
                                "or --serial, each with vhost=PATH)")
@@ -297,7 +311,8 @@ def _setup_errors() -> tuple[type[BaseException], ...]:
     from crosvm.devices.virtio.vsock import VsockError
     from crosvm.disk import DiskError
     from crosvm.net.tap import TapError
-    return (ConfigError, DiskError, TapError, VsockError, SerialError)
+    from crosvm.vhost_user.devices import BackendSetupError
+    return (ConfigError, DiskError, TapError, VsockError, SerialError, BackendSetupError)
 
 
 def cmd_device(args: list[str]) -> int:
@@ -315,11 +330,18 @@ def cmd_device(args: list[str]) -> int:
     except OSError as e:
         log.error("crosvm device %s: %s", spec.kind, e)
         return int(ExitCode.INVALID_ARGS)
+    from crosvm.devices.virtio.virtio_device import WorkerStuck
+    from crosvm.vhost_user.devices import BackendSetupError
     try:
         serve_here(backend)
+    except BackendSetupError as e:
+        log.error("%s", e)
+        return int(ExitCode.INVALID_ARGS)
     except OSError as e:
         log.error("vhost-user socket %s: %s", spec.socket, e.strerror or e)
         return int(ExitCode.ERROR)
+    except WorkerStuck:
+        return int(ExitCode.ERROR)  # logged
     return 0
 
 
@@ -333,42 +355,49 @@ def cmd_devices(args: list[str]) -> int:
     from crosvm.jail.jail import DEFAULT_PIVOT_ROOT
     from crosvm.vhost_user.devices import spawn
     jail = None
-    backends = []
+    backends: list = []
     children: dict[int, object] = {}
+
+    def stop(signum, _frame) -> None:  # before serving: stop setting up, clean up
+        raise SystemExit(1)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        if not cmd.disable_sandbox:
-            pivot_root = cmd.pivot_root or DEFAULT_PIVOT_ROOT
-            ensure_pivot_root(pivot_root)
-            jail = Jail(pivot_root=pivot_root, seccomp_log_failures=cmd.seccomp_log_failures)
-            if cmd.seccomp_policy_dir is not None:
-                jail.seccomp_policy_dir = cmd.seccomp_policy_dir
-        for spec in cmd.backends:
-            backends.append(build(spec))
-        for backend in backends:
-            children[spawn(backend, jail)] = backend
-    except _setup_errors() + (JailError,) as e:
-        log.error("%s", e)
+        try:
+            if not cmd.disable_sandbox:
+                pivot_root = cmd.pivot_root or DEFAULT_PIVOT_ROOT
+                ensure_pivot_root(pivot_root)
+                jail = Jail(pivot_root=pivot_root,
+                            seccomp_log_failures=cmd.seccomp_log_failures)
+                if cmd.seccomp_policy_dir is not None:
+                    jail.seccomp_policy_dir = cmd.seccomp_policy_dir
+            for spec in cmd.backends:
+                backends.append(build(spec))
+            for backend in backends:
+                children[spawn(backend, jail)] = backend
+        except _setup_errors() + (JailError,) as e:
+            log.error("%s", e)
+            return int(ExitCode.INVALID_ARGS)
+        except OSError as e:
+            log.error("crosvm devices: %s", e)
+            return int(ExitCode.INVALID_ARGS)
+        log.info("crosvm devices: %d back-end(s) serving", len(children))
+        return _wait(children)
+    finally:
         _stop(children, backends)
-        return int(ExitCode.INVALID_ARGS)
-    except OSError as e:
-        log.error("crosvm devices: %s", e)
-        _stop(children, backends)
-        return int(ExitCode.INVALID_ARGS)
-    for backend in backends:  # the children hold what they need
-        backend.release_device()
-    log.info("crosvm devices: %d back-end(s) serving", len(children))
-    return _wait(children, backends)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
-def _wait(children: dict[int, object], backends: list) -> int:
-    """Until every back-end has ended; SIGTERM/SIGINT end them all."""
+def _wait(children: dict[int, object]) -> int:
+    """Until every back-end has ended (each is removed from `children` as it ends);
+    SIGTERM/SIGINT/SIGHUP end them all."""
     def stop(signum, _frame) -> None:
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     failed = []
     try:
         while children:
@@ -389,20 +418,17 @@ def _wait(children: dict[int, object], backends: list) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        for backend in backends:
-            backend.close()
     return 1 if failed else 0
 
 
 def _stop(children: dict[int, object], backends: list) -> None:
+    """Kill and reap what is still running; every back-end's cleanup (idempotent)."""
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         except OSError:
             pass
+    children.clear()
     for backend in backends:
-        try:
-            backend.close()
-        except OSError:
-            pass
+        backend.close()

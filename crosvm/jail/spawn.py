@@ -52,7 +52,14 @@ def spawn(name: str, body: Callable[[], None], keep_fds: set[int], jail: Jail | 
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             # Ctrl-C on the terminal is for the parent (which then stops its children).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            close_fds_except(keep_fds | {2} | set(id_map.child_fds() if id_map else ()))
+            # stdin and stdout are /dev/null unless kept: a stray print must not land in
+            # a socket that took the number 1 (the fds opened after the close would).
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1):
+                if fd not in keep_fds:
+                    os.dup2(null, fd)
+            os.close(null)
+            close_fds_except(keep_fds | {0, 1, 2} | set(id_map.child_fds() if id_map else ()))
             set_name(name)
             if jail is not None:
                 jail.enter(seccomp_filter, id_map, config=config)

@@ -89,23 +89,25 @@ class DeviceBackend:
         self.mem: GuestMemory | None = None
         self.table: list[P.MemoryRegion] = []
         self.queues: dict[int, Queue] | None = None  # by ring index, while active
+        self._interrupt: CallInterrupt | None = None  # while active
+        self._retired: list[Event] = []  # call eventfds replaced while active
 
     # -- the connection ------------------------------------------------------------
     def serve(self) -> None:
+        """Serve until the front-end goes. Raises WorkerStuck (after logging it) when
+        the device will not stop: its memory and eventfds are then left as they are,
+        since its worker may still use them."""
         try:
             while self._one_message():
                 pass
-        except V.WorkerStuck as e:  # a device that will not stop: end, say why
+        except V.WorkerStuck as e:
             log.error("vhost-user back-end: %s; closing the connection", e)
-        finally:
-            try:
-                self._deactivate()
-            except V.WorkerStuck as e:
-                log.error("vhost-user back-end: %s", e)
-            for vring in self.vrings:
-                vring.close()
-            if self.mem is not None:
-                self.mem.close()
+            raise
+        self._deactivate()
+        for vring in self.vrings:
+            vring.close()
+        if self.mem is not None:
+            self.mem.close()
 
     def _one_message(self) -> bool:
         try:
@@ -217,6 +219,15 @@ class DeviceBackend:
             name = {R.SET_VRING_KICK: "kick", R.SET_VRING_CALL: "call",
                     R.SET_VRING_ERR: "err"}[code]
 
+            if code == R.SET_VRING_CALL and self.queues is not None and index in self.queues:
+                # At run time (QEMU moves calls when the guest masks a vector): the
+                # worker signals through the interrupt's table, swapped in place; the
+                # old eventfd may be in use this instant, so it is closed at the stop.
+                self._retired.append(vring.call)
+                vring.call = event
+                self._interrupt.calls[index] = event
+                return None
+
             def swap() -> None:  # the device is stopped: nothing holds the old one
                 old = getattr(vring, name)
                 setattr(vring, name, event)
@@ -248,12 +259,17 @@ class DeviceBackend:
             if num:
                 vring.enabled = True
                 self._maybe_activate()
-            else:
+            elif self.queues is not None and index in self.queues:
                 self._deactivate()  # keeps where every ring stopped
                 vring.enabled = False
-                self._maybe_activate()  # the others go on (none, while one is off)
+                self._maybe_activate()  # the others go on
+            else:
+                vring.enabled = False
         else:  # GET_VRING_BASE: stop the ring (the device: all), say where it stopped
-            self._deactivate()
+            if self.queues is not None and index in self.queues:
+                self._deactivate()
+                vring.enabled = False
+                self._maybe_activate()  # the others go on
             vring.enabled = False
             return P.vring_state(index, vring.base)
         return None
@@ -285,12 +301,10 @@ class DeviceBackend:
     # -- the device ----------------------------------------------------------------
     def _stopped_for_change(self, change) -> None:
         """Apply `change` to ring or memory state with the device stopped (keeping
-        every ring's position), then start it again if it was running."""
-        was_active = self.queues is not None
+        every ring's position), then start it on the rings ready now."""
         self._deactivate()
         change()
-        if was_active:
-            self._maybe_activate()
+        self._maybe_activate()
 
     def _maybe_activate(self) -> None:
         """Activate the device on every ring that is described, has both eventfds and
@@ -338,6 +352,7 @@ class DeviceBackend:
                       self.device.debug_label(), ready, e)
             return
         self.queues = queues
+        self._interrupt = interrupt
         log.info("vhost-user back-end: %s active with ring(s) %s",
                  self.device.debug_label(), ", ".join(map(str, ready)))
 
@@ -351,6 +366,10 @@ class DeviceBackend:
         for i, queue in self.queues.items():
             self.vrings[i].base = queue.next_used
         self.queues = None
+        self._interrupt = None
+        for event in self._retired:
+            event.close()
+        self._retired.clear()
 
 
 def _eventfd(fd: int, fd_dir: int | None = None) -> Event:

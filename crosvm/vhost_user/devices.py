@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,10 @@ from crosvm.vhost_user import backend as B
 log = logging.getLogger("crosvm")
 
 BACKEND_POLICY = "vhost_user_backend"  # widens the device's own seccomp policy
+
+
+class BackendSetupError(Exception):
+    """A back-end could not be set up (its socket, say); the message names it."""
 
 
 @dataclass
@@ -45,9 +50,19 @@ class Backend:
 
     def listen(self) -> None:
         """Bind the socket (before any jail: the jailed back-end only accepts)."""
-        self.listener = B.listen(self.socket_path)
-        identity = socket_identity(self.socket_path)
+        try:
+            self.listener = B.listen(self.socket_path)
+            identity = socket_identity(self.socket_path)
+        except OSError as e:
+            raise BackendSetupError(f"vhost-user socket {self.socket_path}: "
+                                    f"{e.strerror or e}") from None
         self._remove_socket_file = lambda: remove_socket(self.socket_path, identity)
+
+    def remove_socket_file(self) -> None:
+        """Remove the socket file this process bound (once)."""
+        remove, self._remove_socket_file = self._remove_socket_file, None
+        if remove is not None:
+            remove()
 
     def serve(self, fd_dir: int | None = None,
               on_connect: Callable[[], None] | None = None) -> None:
@@ -62,12 +77,13 @@ class Backend:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        if self._remove_socket_file is not None:
-            self._remove_socket_file()
-        self.release_device()
-        for closer in reversed(self.closers):
-            closer()
-        self.closers.clear()
+        self.remove_socket_file()
+        closers, self.closers = self.closers, []
+        for close in [self.release_device, *reversed(closers)]:
+            try:
+                close()
+            except OSError as e:  # one failed cleanup must not skip the others
+                log.warning("%s: cleanup: %s", self.name, e)
 
     def release_device(self) -> None:
         """Close the device here (its process has its own copy of everything)."""
@@ -107,16 +123,22 @@ def console(socket_path: str, params) -> Backend:
     from crosvm.devices.serial_device import InputThread, open_input, open_output
     from crosvm.devices.virtio.console import Console
     out = open_output(params)
+    try:
+        in_fd = open_input(params, out)
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
     device = Console(out, label="console")
     backend = Backend("console", socket_path, device)
-    backend.keep_fds = [device.input_ready.fd] + (out.fds() if out is not None else [])
+    out_fds = out.fds() if out is not None else []
+    backend.keep_fds = [device.input_ready.fd] + out_fds
     if out is not None:
         backend.closers.append(out.close)
-    in_fd = open_input(params, out)
     if in_fd is not None:
         backend.keep_fds.append(in_fd)
         backend.start = lambda: InputThread(in_fd, device, "console_input").start()
-        if in_fd != 0:
+        if in_fd != 0 and in_fd not in out_fds:  # a unix socket is both, closed with out
             backend.closers.append(lambda: os.close(in_fd))
     return backend
 
@@ -144,7 +166,7 @@ def serve_here(backend: Backend) -> None:
     """`crosvm device`: serve in this process; the socket file goes once connected."""
     backend.listen()
     try:
-        backend.serve(on_connect=backend._remove_socket_file)
+        backend.serve(on_connect=backend.remove_socket_file)
     finally:
         backend.close()
 
@@ -173,8 +195,14 @@ def spawn(backend: Backend, jail) -> int:
     keep = {backend.listener.fileno(), *device.keep_fds(), *backend.keep_fds}
     pid, id_map = spawn_process(backend.name, lambda: backend.serve(
         fd_dir[0] if fd_dir else None), keep, jail, seccomp_filter, config)
-    if id_map is not None:
-        id_map.serve(pid)
+    try:
+        if id_map is not None:
+            id_map.serve(pid)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
     backend.listener.close()  # the child accepts on its copy
     backend.listener = None
+    backend.release_device()  # the child has its own copy of everything
     return pid

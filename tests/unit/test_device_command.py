@@ -4,7 +4,9 @@ jailed)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -183,33 +185,33 @@ def image(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("sandbox", [[], ["--disable-sandbox"]], ids=["jailed", "unjailed"])
-def test_devices_serves_a_block_back_end_until_its_front_end_leaves(tmp_path, image, sandbox):
-    if not sandbox and os.geteuid() != 0 and not os.path.exists("/proc/self/ns/user"):
-        pytest.skip("no user namespaces for the jail")
-    sock = str(tmp_path / "b.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "crosvm", "devices", *sandbox,
-                             "--block", f"vhost={sock},path={image}"], stderr=subprocess.PIPE)
+@contextlib.contextmanager
+def crosvm(sock: str, *args: str):
+    """`crosvm ARGS` (its stderr piped), yielded once `sock` exists; killed after."""
+    proc = subprocess.Popen([sys.executable, "-m", "crosvm", *args], stderr=subprocess.PIPE)
     try:
         wait_for(sock)
-        result = read_block(sock, 3)
-        code = proc.wait(10)
+        yield proc
     finally:
         proc.kill()
-        err = proc.stderr.read().decode()
         proc.wait()
+        proc.stderr.close()
 
-    assert result == (b"\x03" * 4, 0), err
-    assert code == 0, err
+
+@pytest.mark.parametrize("sandbox", [[], ["--disable-sandbox"]], ids=["jailed", "unjailed"])
+def test_devices_serves_a_block_back_end_until_its_front_end_leaves(tmp_path, image, sandbox):
+    sock = str(tmp_path / "b.sock")
+    with crosvm(sock, "devices", *sandbox, "--block", f"vhost={sock},path={image}") as proc:
+        result = read_block(sock, 3)
+        code = proc.wait(10)
+
+    assert (result, code) == ((b"\x03" * 4, 0), 0)
     assert not os.path.exists(sock)
 
 
 def test_devices_back_end_runs_jailed_in_its_own_process(tmp_path, image):
     sock = str(tmp_path / "b.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "crosvm", "devices",
-                             "--block", f"vhost={sock},path={image}"], stderr=subprocess.PIPE)
-    try:
-        wait_for(sock)
+    with crosvm(sock, "devices", "--block", f"vhost={sock},path={image}") as proc:
         deadline = time.monotonic() + 10
         while not (children := descendants(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -218,10 +220,6 @@ def test_devices_back_end_runs_jailed_in_its_own_process(tmp_path, image):
             time.sleep(0.02)  # the child is jailing itself
             with open(f"/proc/{children[0]}/status") as f:
                 status = f.read()
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
 
     assert len(children) == 1
     assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status
@@ -229,15 +227,26 @@ def test_devices_back_end_runs_jailed_in_its_own_process(tmp_path, image):
 
 def test_device_serves_its_block_back_end_in_process(tmp_path, image):
     sock = str(tmp_path / "b.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "crosvm", "device", "block", "--socket",
-                             sock, "--file", image], stderr=subprocess.PIPE)
-    try:
-        wait_for(sock)
+    with crosvm(sock, "device", "block", "--socket", sock, "--file", image) as proc:
         result = read_block(sock, 7)
         code = proc.wait(10)
-    finally:
-        proc.kill()
-        proc.stderr.close()
-        proc.wait()
 
     assert (result, code) == ((b"\x07" * 4, 0), 0)
+
+
+def test_one_back_end_ending_leaves_the_others_serving(tmp_path, image):
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # the console's unix peer
+    peer.bind(str(tmp_path / "peer"))
+    console, block = str(tmp_path / "c.sock"), str(tmp_path / "b.sock")
+    with crosvm(block, "devices", "--disable-sandbox",
+                "--serial", f"vhost={console},type=unix,path={tmp_path / 'peer'}",
+                "--block", f"vhost={block},path={image}") as proc:
+        wait_for(console)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as front:
+            front.connect(console)  # a front-end that comes and goes at once
+        time.sleep(1)
+        result = read_block(block, 5)
+        code = proc.wait(10)
+
+    peer.close()
+    assert (result, code) == ((b"\x05" * 4, 0), 0)

@@ -105,9 +105,22 @@ def test_shipped_policy_compiles_to_bpf(path):
 def test_every_device_policy_includes_the_common_one():
     common = load_policy(Path(DEFAULT_SECCOMP_POLICY_DIR) / "common_device.policy").syscalls()
     for path in Path(DEFAULT_SECCOMP_POLICY_DIR).glob("*.policy"):
-        if path.stem == "base_device":  # what common_device itself is built on
+        if path.stem in ("base_device", "vhost_user_backend"):  # common's base; a widening
             continue
         assert common <= load_policy(path).syscalls(), path.name
+
+
+def test_vhost_user_backend_widening_adds_only_accepting_and_shared_mappings():
+    widening = load_policy(Path(DEFAULT_SECCOMP_POLICY_DIR) / "vhost_user_backend.policy")
+
+    assert widening.syscalls() == {"accept4", "getsockname", "mmap"}
+
+
+@pytest.mark.parametrize("device", ["block", "net", "console", "fs", "vsock"])
+def test_every_back_end_device_policy_compiles_widened(device):
+    from crosvm.jail import Jail
+
+    assert Jail().filter_for(f"{device}_device", "vhost_user_backend")
 
 
 def test_common_policy_allows_no_process_creation_sockets_or_exec():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import select
 import socket
 import struct
 import threading
@@ -175,10 +176,49 @@ def test_disabled_ring_reports_where_it_stopped_and_resumes_there(client, mem):
     assert wait_used(driver, 1) == [(head, 16)]  # only the new one: nothing replayed
 
 
+def test_call_moved_while_running_signals_the_new_eventfd_without_a_stop(client, mem):
+    driver = QueueDriver(mem, size=256)
+    kick = start_ring(client, mem, driver)
+    worker = client.backend.device.worker
+    new_call = Event()
+
+    assert client.status(P.Request.SET_VRING_CALL, P.vring_fd(0, True), [new_call.fd]) == 0
+    driver.add_buffers([], [16])
+    kick.signal()
+
+    assert len(wait_used(driver, 1)) == 1
+    assert select.select([new_call.fd], [], [], 5)[0]  # its call came on the new eventfd
+    assert client.backend.device.worker is worker  # the device was not stopped for it
+
+
+def test_front_end_without_the_extension_starts_a_ring_once_it_is_described(mem):
+    c = Client()  # no SET_FEATURES with PROTOCOL_FEATURES: rings have no enable step
+    driver = QueueDriver(mem, size=256)
+    host = mem.regions[0].host_address()
+    q = driver.queue
+    kick, call = Event(), Event()
+    for request, payload, fds in (
+            (P.Request.SET_MEM_TABLE, P.memory_table([P.MemoryRegion(0, mem.size, host, 0)]),
+             [mem.memfd]),
+            (P.Request.SET_VRING_NUM, P.vring_state(0, q.size), []),
+            (P.Request.SET_VRING_ADDR, P.vring_addr(P.VringAddr(
+                0, 0, host + q.desc_table, host + q.used_ring, host + q.avail_ring, 0)), []),
+            (P.Request.SET_VRING_KICK, P.vring_fd(0, True), [kick.fd]),
+            (P.Request.SET_VRING_CALL, P.vring_fd(0, True), [call.fd])):
+        c.send(request, payload, fds, ack=False)
+    head, _ = driver.add_buffers([], [16])
+    kick.signal()
+
+    assert wait_used(driver, 1) == [(head, 16)]
+    c.close()
+
+
 def test_ring_that_does_not_fit_its_region_is_refused(client, mem):
     driver = QueueDriver(mem, size=256)
     host = mem.regions[0].host_address()
     table = P.memory_table([P.MemoryRegion(0, mem.size, host, 0)])
+    # With the extension negotiated rings start at SET_VRING_ENABLE (without, at once).
+    assert client.status(P.Request.SET_FEATURES, P.u64(P.F_PROTOCOL_FEATURES)) == 0
     assert client.status(P.Request.SET_MEM_TABLE, table, [mem.memfd]) == 0
     for request, payload in ((P.Request.SET_VRING_NUM, P.vring_state(0, 256)),
                              (P.Request.SET_VRING_BASE, P.vring_state(0, 0))):
