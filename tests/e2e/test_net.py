@@ -22,6 +22,7 @@ from crosvm.devices.virtio import net_proto as P
 from crosvm.net.tap import Tap
 from tests.guest_vm import GuestVm
 from tests.support.netns import on_netns_thread
+from tests.support.peers import crosvm_backends
 
 pytestmark = pytest.mark.e2e
 
@@ -132,14 +133,20 @@ def tap0(netns):
 def vm(request, netns, tap0, kernel, initramfs, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vm"))
     fd = tap0.fds[0]
+    # Also a vsock device served by `crosvm device vsock` over vhost-user (the sharing
+    # VMs run theirs in-VMM or from a jailed `crosvm devices`).
+    vu_sock, vu_uds = os.path.join(workdir, "vsock-vu.sock"), os.path.join(workdir, "v.sock")
     extra = ("--net", f"tap-fd={fd},mac={MAC0},mrg-rxbuf",
              "--net", f"host-ip={HOST1},netmask=255.255.255.0,mac={MAC1},vq-pairs=2",
-             "--net", "passt")
+             "--net", "passt", "--vhost-user", f"vsock,socket={vu_sock}")
     if request.param == "disable-sandbox":
         extra += ("--disable-sandbox",)
-    with GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra,
-                 pass_fds=(fd,), prefix=("ip", "netns", "exec", netns)) as g:
+    with crosvm_backends(["device", "vsock", "--socket", vu_sock, "--cid", "3", "--uds-path",
+                          vu_uds], vu_sock, os.path.join(workdir, "vsock-vu.log")), \
+            GuestVm(kernel, initramfs, workdir, cpus=2, mem=256, extra_args=extra,
+                    pass_fds=(fd,), prefix=("ip", "netns", "exec", netns)) as g:
         g.wait_ready()
+        g.vu_uds = vu_uds
         for command in ("ip link set eth0 up", f"ip addr add {GUEST0}/24 dev eth0",
                         "ip link set eth1 up", f"ip addr add {GUEST1}/24 dev eth1"):
             setup = g.run(command)
@@ -276,3 +283,20 @@ def test_passt_guest_fetches_a_file_from_the_host_loopback(vm, http_server):
                     "sha256sum /tmp/w.bin", timeout=TRANSFER_TIMEOUT)
 
     assert result.stdout.split()[:1] == [http_server], (result.stdout, result.stderr)
+
+
+def test_vsock_through_crosvm_device_vsock_carries_a_message_both_ways(vm):
+    from tests.e2e.sharing.test_vsock import background, host_connect, host_listener, taking
+    background(vm, "vsock -l 5100 > /tmp/vu_in")
+    s = host_connect(vm.vu_uds, 5100)
+    s.sendall(b"to the guest over vhost-user\n")
+    s.close()
+    taker, got = taking(host_listener(vm.vu_uds, 5101))
+
+    sent = vm.run("echo to the host over vhost-user | vsock 2 5101")
+    taker.join(60)
+    received = vm.run("wait_for /tmp/vu_in guest 30 >/dev/null; cat /tmp/vu_in")
+
+    assert sent.returncode == 0, sent.stderr
+    assert (received.stdout, got) == ("to the guest over vhost-user\n",
+                                      [b"to the host over vhost-user\n"])
