@@ -409,12 +409,18 @@ def readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0.5)[0])
 
 
-def test_unmasked_vector_gives_the_backend_the_irqfd_itself(backend, mem, msix):
-    path, b = backend()
+def activate_with(msix: MsixConfig, path: str, mem: GuestMemory) -> VhostUserFrontend:
+    """A block front-end activated on one ring whose interrupts are MSI-X vector 0."""
     device = VhostUserFrontend("block", path, mem)
     device.ack_features(device.features())
     device.activate(mem, V.Interrupt(msix, None),
                     [(0, Queue(256, 0x1000, 0x2000, 0x3000, vector=0), Event())])
+    return device
+
+
+def test_unmasked_vector_gives_the_backend_the_irqfd_itself(backend, mem, msix):
+    path, b = backend()
+    device = activate_with(msix, path, mem)
 
     os.eventfd_write(b.call_fds[0], 1)  # the back-end's call
 
@@ -424,10 +430,7 @@ def test_unmasked_vector_gives_the_backend_the_irqfd_itself(backend, mem, msix):
 
 def test_masking_the_vector_moves_the_call_back_to_the_frontend(backend, mem, msix):
     path, b = backend()
-    device = VhostUserFrontend("block", path, mem)
-    device.ack_features(device.features())
-    device.activate(mem, V.Interrupt(msix, None),
-                    [(0, Queue(256, 0x1000, 0x2000, 0x3000, vector=0), Event())])
+    device = activate_with(msix, path, mem)
 
     msix.write_table(12, struct.pack("<I", VECTOR_MASKED))
     os.eventfd_write(b.call_fds[-1], 1)
