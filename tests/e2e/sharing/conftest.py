@@ -92,14 +92,14 @@ def vm(request, kernel, initramfs, our_netns):
     else:
         devices += ["--disable-sandbox"]
         vsock = ("--vsock", f"cid={CID},uds-path={uds}")
-    extra = (*vsock,
-             "--vhost-user", f"block,socket={vu['blk']}",
+    extra = ("--vhost-user", f"block,socket={vu['blk']}",
              "--vhost-user-blk", vu["victim"],
              "--vhost-user-fs", f"{vu['fs']}:{VU_FS_TAG}",
              "--vhost-user", f"block,socket={ours['block']}",
              "--vhost-user", f"net,socket={ours['net']}",
              "--vhost-user", f"console,socket={ours['console']}",
              "--vhost-user", f"fs,socket={ours['fs']}",
+             *vsock,  # last: the devices before it are numbered the same in both VMs
              "--shared-dir", f"{shares['p9']}:{P9_TAG}",
              "--shared-dir", f"{shares['fs']}:{FS_TAG}:type=fs",
              "--shared-dir", f"{ugid}:{UGID_TAG}:type=fs:uidmap={GUEST_UID} {HOST_UID} 1:"
