@@ -3,8 +3,6 @@ real Unix socket (no KVM, no guest)."""
 
 from __future__ import annotations
 
-import os
-import select
 import socket
 import struct
 import threading
@@ -15,7 +13,6 @@ from hypothesis import given, settings, strategies as st
 
 from crosvm.base import Event
 from crosvm.base.fdpass import close_fds, fds_from
-from crosvm.devices.pci.msix import MSG_CTL_ENABLE, VECTOR_MASKED, MsixConfig
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.queue import Queue
 from crosvm.devices.virtio.vhost_user import VhostUserError, VhostUserFrontend
@@ -48,7 +45,6 @@ class FakeBackend:
             P.Request.GET_VRING_BASE: lambda payload: payload,
         }
         self.conn: socket.socket | None = None
-        self.call_fds: list[int] = []  # every SET_VRING_CALL's eventfd, in order
         self.raw_reply: bytes | None = None  # sent instead of the next data reply
         self.refuse: set[int] = set()  # acknowledged with a non-zero status
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -74,8 +70,6 @@ class FakeBackend:
                     return
                 payload += chunk
             fds = fds_from(anc)
-            if header.request == P.Request.SET_VRING_CALL and fds:
-                self.call_fds.append(os.dup(fds[0]))  # to signal as a back-end would
             close_fds(fds)
             self.seen.append((header.request, payload, len(fds)))
             reply = self.replies.get(header.request)
@@ -98,7 +92,6 @@ class FakeBackend:
         if self.conn is not None:
             self.conn.close()
         self.listener.close()
-        close_fds(self.call_fds)
 
 
 @pytest.fixture
@@ -391,56 +384,6 @@ def test_interrupts_are_forwarded_while_msix_is_off(backend, mem):
         deadline.wait(0.02)
     else:
         pytest.fail("the call eventfd did not become a queue interrupt")
-    device.close()
-
-
-@pytest.fixture
-def msix():
-    """MSI-X on, vector 0 unmasked: as a driver leaves it before DRIVER_OK."""
-    config = MsixConfig(2, [Event(), Event()], lambda *_: None)
-    config.write_message_control(MSG_CTL_ENABLE)
-    config.write_table(12, struct.pack("<I", 0))  # vector 0's control word: unmasked
-    yield config
-    for event in config.irqfds:
-        event.close()
-
-
-def readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0.5)[0])
-
-
-def activate_with(msix: MsixConfig, path: str, mem: GuestMemory) -> VhostUserFrontend:
-    """A block front-end activated on one ring whose interrupts are MSI-X vector 0."""
-    device = VhostUserFrontend("block", path, mem)
-    device.ack_features(device.features())
-    device.activate(mem, V.Interrupt(msix, None),
-                    [(0, Queue(256, 0x1000, 0x2000, 0x3000, vector=0), Event())])
-    return device
-
-
-def test_unmasked_vector_gives_the_backend_the_irqfd_itself(backend, mem, msix):
-    path, b = backend()
-    device = activate_with(msix, path, mem)
-
-    os.eventfd_write(b.call_fds[0], 1)  # the back-end's call
-
-    assert readable(msix.irqfds[0].fd)  # straight to KVM's irqfd: no Python on the way
-    device.close()
-
-
-def test_masking_the_vector_moves_the_call_back_to_the_frontend(backend, mem, msix):
-    path, b = backend()
-    device = activate_with(msix, path, mem)
-
-    msix.write_table(12, struct.pack("<I", VECTOR_MASKED))
-    os.eventfd_write(b.call_fds[-1], 1)
-    deadline = time.monotonic() + 5
-    while not msix.pending[0] and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-    assert len(b.call_fds) == 2  # a second SET_VRING_CALL on the mask
-    assert not readable(msix.irqfds[0].fd)  # the guest masked it: no interrupt...
-    assert msix.pending[0]  # ...but pending, delivered at unmask
     device.close()
 
 

@@ -40,10 +40,6 @@ class MsixConfig:
         self.enabled = False
         self.function_masked = False
         self._lock = threading.Lock()
-        # Told (vector, blocked) when a vector starts or stops being deliverable (its
-        # mask, the function mask, MSI-X enable): a device whose interrupts bypass
-        # `trigger` (a vhost-user back-end on the irqfd itself) must follow it.
-        self.on_mask_change: Callable[[int, bool], None] | None = None
 
     @property
     def table_size(self) -> int:
@@ -65,12 +61,9 @@ class MsixConfig:
 
     def write_message_control(self, value: int) -> None:
         with self._lock:
-            before = self._blocked_vectors()
             self.enabled = bool(value & MSG_CTL_ENABLE)
             self.function_masked = bool(value & MSG_CTL_FUNCTION_MASK)
             self._deliver_pending()
-            after = self._blocked_vectors()
-        self._notify(before, after)
 
     # -- table / PBA access from the guest ------------------------------------------
     def read_table(self, offset: int, data: memoryview) -> None:
@@ -90,7 +83,6 @@ class MsixConfig:
             return  # the spec allows only aligned dword/qword accesses
         vector, start = divmod(offset, 16)
         with self._lock:
-            before = self._blocked_vectors()
             entry = self.table[vector]
             raw = bytearray(struct.pack("<QII", *entry))
             raw[start:start + n] = data
@@ -101,8 +93,6 @@ class MsixConfig:
             if changed or (was_masked and not control & VECTOR_MASKED):
                 self._route(vector, address, msg_data)
             self._deliver_pending()
-            after = self._blocked_vectors()
-        self._notify(before, after)
 
     def read_pba(self, offset: int, data: memoryview) -> None:
         n = len(data)
@@ -114,25 +104,6 @@ class MsixConfig:
         data[:] = ((bits >> (offset * 8)) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
     # -- device side ------------------------------------------------------------
-    def blocked(self, vector: int) -> bool:
-        """Whether signalling `vector`'s irqfd now would deliver an interrupt the guest
-        has not allowed (MSI-X off, or the vector or function masked)."""
-        with self._lock:
-            return not self.enabled or self._masked(vector)
-
-    def _blocked_vectors(self) -> set[int] | None:
-        if self.on_mask_change is None:
-            return None
-        return {v for v in range(self.num_vectors) if not self.enabled or self._masked(v)}
-
-    def _notify(self, before: set[int] | None, after: set[int] | None) -> None:
-        """Outside the lock: the listener may wait on another process."""
-        listener = self.on_mask_change
-        if listener is None or before is None or after is None:
-            return
-        for vector in sorted(before ^ after):
-            listener(vector, vector in after)
-
     def _masked(self, vector: int) -> bool:
         return self.function_masked or bool(self.table[vector][2] & VECTOR_MASKED)
 

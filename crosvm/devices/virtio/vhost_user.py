@@ -92,8 +92,6 @@ class VhostUserFrontend(V.VirtioDevice):
             raise VhostUserError(str(e)) from None
         self.acked = 0
         self._call_events: list[Event] = []
-        self._calls: dict[int, tuple[Event, int]] = {}  # ring -> (our call eventfd, vector)
-        self._msix = None  # the transport's MsixConfig while active
         self._active: list[int] = []  # rings the back-end has started
 
     def _handshake(self, num_queues: int, config_size: int, tag: str | None) -> None:
@@ -199,7 +197,6 @@ class VhostUserFrontend(V.VirtioDevice):
         self._call_events = [Event() for _ in queues]
         calls = {index: (call, queue.vector)
                  for (index, queue, _), call in zip(queues, self._call_events)}
-        self._calls, self._msix = calls, interrupt.msix
         try:
             with self._lock:
                 c = self.conn
@@ -217,7 +214,7 @@ class VhostUserFrontend(V.VirtioDevice):
                     c.request(P.Request.SET_VRING_BASE, P.vring_state(index, 0))
                     c.request(P.Request.SET_VRING_KICK, P.vring_fd(index, True), [kick.fd])
                     c.request(P.Request.SET_VRING_CALL, P.vring_fd(index, True),
-                              [self._call_fd(index)])
+                              [calls[index][0].fd])
                     self._active.append(index)  # from here on reset must stop it
                     if features & P.F_PROTOCOL_FEATURES:  # rings start disabled then
                         c.request(P.Request.SET_VRING_ENABLE, P.vring_state(index, 1))
@@ -225,10 +222,6 @@ class VhostUserFrontend(V.VirtioDevice):
             self._break(str(e))
             interrupt.signal_needs_reset(self.broken)
             return
-
-        if self._msix is not None:  # from now on calls follow the vectors' masks
-            self._msix.on_mask_change = lambda vector, blocked: self._mask_changed(
-                vector, blocked, interrupt)
 
         def forward(call: Event, vector: int) -> None:
             if call.drain():
@@ -244,32 +237,6 @@ class VhostUserFrontend(V.VirtioDevice):
         extra.append((self.conn.fileno(), lambda: self._socket_readable(interrupt)))
         self.worker = V.QueueWorker(self.label, interrupt, [], lambda _: False, extra=extra,
                                     on_start=started)
-
-    def _call_fd(self, index: int) -> int:
-        """Where ring `index`'s back-end signals: the vector's irqfd itself while the
-        guest lets it through (KVM injects the interrupt, no Python on the way), our
-        eventfd otherwise (the worker makes it pending, or sets the ISR for INTx)."""
-        call, vector = self._calls[index]
-        msix = self._msix
-        if msix is not None and 0 <= vector < msix.num_vectors and not msix.blocked(vector):
-            return msix.irqfds[vector].fd
-        return call.fd
-
-    def _mask_changed(self, vector: int, blocked: bool, interrupt: V.Interrupt) -> None:
-        """The guest masked or unmasked `vector`: move its rings' calls (as QEMU does).
-        A call the back-end sent to the irqfd just before the move is an interrupt the
-        guest may get while masked, which drivers take as spurious."""
-        rings = [i for i, (_, v) in self._calls.items() if v == vector]
-        if not rings or self.broken:
-            return
-        try:
-            with self._lock:
-                for index in rings:
-                    self.conn.request(P.Request.SET_VRING_CALL, P.vring_fd(index, True),
-                                      [self._call_fd(index)])
-        except (BackendError, P.ProtocolError) as e:
-            self._break(str(e))
-            interrupt.signal_needs_reset(self.broken)
 
     @staticmethod
     def _host(mem: GuestMemory, guest_addr: int) -> int:
@@ -289,7 +256,10 @@ class VhostUserFrontend(V.VirtioDevice):
             # Readable right now? (The socket keeps the last request's timeout, so a recv
             # would wait that long for data that a request already took.)
             ready = select.poll()
-            ready.register(self.conn.fileno(), select.POLLIN)
+            try:
+                ready.register(self.conn.fileno(), select.POLLIN)
+            except ValueError:  # closed meanwhile
+                return
             if not ready.poll(0):
                 return
             try:
@@ -320,9 +290,6 @@ class VhostUserFrontend(V.VirtioDevice):
 
     def reset(self) -> bool:
         """Stop the rings (GET_VRING_BASE stops one) and the worker."""
-        if self._msix is not None:
-            self._msix.on_mask_change = None
-            self._msix = None
         super().reset()
         active, self._active = self._active, []
         if self.broken is None:
