@@ -43,7 +43,6 @@ when every one's front-end has disconnected (0 when all ended cleanly).
   --disable-sandbox   run the back-ends unjailed"""
 
 TYPES = ("block", "net", "console", "fs", "vsock")
-SUN_PATH_MAX = 107
 
 
 class DeviceUsageError(Exception):
@@ -102,9 +101,10 @@ def _flags(kind: str, args: list[str]) -> dict[str, str]:
 
 
 def _check_socket(what: str, path: str) -> str:
+    from crosvm.config import SUN_PATH_MAX
     if not path:
         raise DeviceUsageError(f"{what}: the socket path is empty")
-    if len(path.encode()) > SUN_PATH_MAX:
+    if len(os.fsencode(path)) > SUN_PATH_MAX:  # the bytes the kernel gets
         raise DeviceUsageError(f"{what}: socket path is longer than {SUN_PATH_MAX} bytes")
     return path
 
@@ -222,9 +222,20 @@ def parse_devices(args: list[str]) -> DevicesCommand:
     from crosvm.config import (ConfigError, DiskOption, NetOption, SerialParameters,
                                VsockOption, validate_disks, validate_nets, validate_serial,
                                validate_vsock)
-    schemas = {"block": (BLOCK_SCHEMA, DiskOption), "net": (NET_SCHEMA, NetOption),
-               "vsock": (VSOCK_SCHEMA, VsockOption),
-               "serial": (SERIAL_SCHEMA, SerialParameters)}
+    def serial_port(option: SerialParameters) -> None:  # the ports together: below
+        if option.hardware != "serial" or option.console or option.earlycon:
+            raise ConfigError("a back-end is a virtio console; hardware=, console and "
+                              "earlycon do not apply")
+
+    def tap(option: NetOption) -> None:
+        if option.tap_name == "":
+            raise ConfigError("tap-name is empty")
+        validate_nets([option])
+    # flag: (schema, option class, its own validation)
+    schemas = {"block": (BLOCK_SCHEMA, DiskOption, lambda o: validate_disks([o])),
+               "net": (NET_SCHEMA, NetOption, tap),
+               "vsock": (VSOCK_SCHEMA, VsockOption, validate_vsock),
+               "serial": (SERIAL_SCHEMA, SerialParameters, serial_port)}
     jail_schema = kv.Schema([kv.Field("pivot-root", "path", None, ""),
                              kv.Field("seccomp-policy-dir", "path", None, ""),
                              kv.Field("seccomp-log-failures", "bool", False, "")],
@@ -258,34 +269,20 @@ def parse_devices(args: list[str]) -> DevicesCommand:
             if len(vhost) != 1 or not isinstance(vhost[0].value, str):
                 raise DeviceUsageError(f"crosvm devices: {name} {value}: vhost=PATH (the "
                                        "back-end's socket) is required, once")
-            schema, make = schemas[flag]
+            schema, make, validate = schemas[flag]
             fields = kv.with_defaults(schema, kv.from_items(
                 schema, [i for i in items if i.key != "vhost"]), flag)
             option = make(**{k.replace("-", "_"): v for k, v in fields.items()})
+            validate(option)
         except (kv.KeyValueError, ConfigError, TypeError) as e:
             raise DeviceUsageError(f"crosvm devices: {name} {value}: {e}") from None
         sock = _check_socket(f"crosvm devices: {name}", vhost[0].value)
         if os.path.abspath(sock) in sockets:
             raise DeviceUsageError(f"crosvm devices: socket {sock} is given twice")
         sockets.add(os.path.abspath(sock))
-        if flag == "net" and option.tap_name == "":
-            raise DeviceUsageError(f"crosvm devices: {name} {value}: tap-name is empty")
-        try:
-            if flag == "block":
-                validate_disks([option])
-            elif flag == "net":
-                validate_nets([option])
-            elif flag == "vsock":
-                validate_vsock(option)
-            else:
-                if option.hardware != "serial" or option.console or option.earlycon:
-                    raise DeviceUsageError(f"crosvm devices: {name} {value}: a back-end is "
-                                           "a virtio console; hardware=, console and "
-                                           "earlycon do not apply")
-                option.hardware = "virtio-console"
-                option.num = sum(b.kind == "console" for b in cmd.backends) + 1
-        except ConfigError as e:
-            raise DeviceUsageError(f"crosvm devices: {name} {value}: {e}") from None
+        if flag == "serial":  # numbered in order, as virtio consoles
+            option.hardware = "virtio-console"
+            option.num = sum(b.kind == "console" for b in cmd.backends) + 1
         cmd.backends.append(BackendSpec(DEVICES_KINDS[flag], sock, option))
     try:  # what holds across ports (one stdin, say)
         validate_serial([b.option for b in cmd.backends if b.kind == "console"])

@@ -22,6 +22,7 @@ import socket
 
 from crosvm.base import Event
 from crosvm.base.fdpass import close_fds, fds_from
+from crosvm.base.unix_socket import remove_socket, socket_identity
 from crosvm.devices.virtio import virtio_device as V
 from crosvm.devices.virtio.queue import Queue
 from crosvm.vhost_user import protocol as P
@@ -431,10 +432,5 @@ def serve_socket(device: V.VirtioDevice, path: str) -> None:
     """Listen on `path`, serve one front-end until it disconnects, then return. The
     socket file is removed once connected (only the one this process made)."""
     listener = listen(path)
-
-    def unlink() -> None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    serve_listener(device, listener, unlink)
+    identity = socket_identity(path)
+    serve_listener(device, listener, lambda: remove_socket(path, identity))

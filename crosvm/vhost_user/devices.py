@@ -120,26 +120,16 @@ def net(socket_path: str, option) -> Backend:
 
 def console(socket_path: str, params) -> Backend:
     """`params`: config.SerialParameters (type=stdout|file|unix|sink, input=, stdin)."""
-    from crosvm.devices.serial_device import InputThread, open_input, open_output
-    from crosvm.devices.virtio.console import Console
-    out = open_output(params)
-    try:
-        in_fd = open_input(params, out)
-    except BaseException:
-        if out is not None:
-            out.close()
-        raise
-    device = Console(out, label="console")
-    backend = Backend("console", socket_path, device)
-    out_fds = out.fds() if out is not None else []
-    backend.keep_fds = [device.input_ready.fd] + out_fds
-    if out is not None:
-        backend.closers.append(out.close)
-    if in_fd is not None:
-        backend.keep_fds.append(in_fd)
-        backend.start = lambda: InputThread(in_fd, device, "console_input").start()
-        if in_fd != 0 and in_fd not in out_fds:  # a unix socket is both, closed with out
-            backend.closers.append(lambda: os.close(in_fd))
+    from crosvm.devices.virtio.console import open_console
+    parts = open_console(params, "console")
+    backend = Backend("console", socket_path, parts.device, keep_fds=parts.keep_fds,
+                      start=parts.start)
+    if parts.out is not None:
+        backend.closers.append(parts.out.close)
+    out_fds = parts.out.fds() if parts.out is not None else []
+    in_fd = parts.in_fd
+    if in_fd is not None and in_fd != 0 and in_fd not in out_fds:  # a unix socket is both
+        backend.closers.append(lambda: os.close(in_fd))
     return backend
 
 

@@ -303,18 +303,11 @@ class Vm:
             self.balloon_target = self._bus_target(self.pci.add_virtio(
                 Balloon(page_reporting=cfg.balloon_page_reporting)))
         for params in cfg.virtio_consoles():
-            from crosvm.devices.virtio.console import Console
-            out = open_output(params)
-            if out is not None:
-                self._closers.append(out.close)
-            console = Console(out, label=f"console{params.num}")
-            in_fd = open_input(params, out)
-            fds = [console.input_ready.fd] + (out.fds() if out is not None else [])
-            start = None
-            if in_fd is not None:
-                fds.append(in_fd)
-                start = _input_starter(in_fd, console, f"console{params.num}_input")
-            self.pci.add_virtio(console, fds, start)
+            from crosvm.devices.virtio.console import open_console
+            console = open_console(params, f"console{params.num}")
+            if console.out is not None:
+                self._closers.append(console.out.close)
+            self.pci.add_virtio(console.device, console.keep_fds, console.start)
         for i, params in enumerate(cfg.nets):
             if params.passt or params.passt_socket:
                 self.pci.add_virtio(self._passt_net(params, f"net{i}"))

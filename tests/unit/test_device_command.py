@@ -75,6 +75,7 @@ def test_device_vsock_is_the_userspace_device_on_a_uds_path(tmp_path):
     (["block", "--socket", "/a", "--socket", "/b", "--file", "d"], "given twice"),
     (["block", "--bogus", "1"], "unknown option --bogus"),
     (["block", "--socket", "/" + "s" * 120, "--file", "d"], "longer than 107 bytes"),
+    (["block", "--socket", "/" + "\udcff" * 120, "--file", "d"], "longer than 107 bytes"),
     (["net", "--tap-name", "/s"], "expected PATH,NAME"),
     (["net", "--tap-name", "/s,t", "--tap-fd", "/s,3"], "exactly one of"),
     (["net", "--tap-fd", "/s,three"], "expected a number"),
@@ -115,6 +116,9 @@ def test_devices_jail_options_are_kept(tmp_path):
     (["--block", "vhost=/a,path=d.img,bogus=1"], "bogus"),
     (["--gpu", "vhost=/a"], "unknown option --gpu"),
     (["--vsock", "vhost=/a,cid=1"], "cid"),
+    (["--serial", "vhost=/a,type=sink,console"], "a back-end is a virtio console"),
+    (["--net", "vhost=/a,tap-name=\"\""], "tap-name is empty"),
+    (["--serial", "vhost=/a,stdin", "--serial", "vhost=/b,stdin"], "stdin"),
 ])
 def test_bad_devices_command_line_is_refused(args, words):
     with pytest.raises(DeviceUsageError, match=words):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import struct
 import threading
+from typing import Callable, NamedTuple
 
 from crosvm.base import Event
 from crosvm.devices.virtio import virtio_device as V
@@ -127,3 +128,34 @@ class Console(V.VirtioDevice):
         super().close()
         self._output.close()  # what the guest wrote reaches the sink (bounded wait)
         self.input_ready.close()
+
+
+class ConsoleParts(NamedTuple):
+    """A virtio console for one `--serial hardware=virtio-console` port and its host
+    ends: `keep_fds` the process serving it keeps, `start` starts its host input there
+    (None without input), `out`/`in_fd` the host ends to close."""
+
+    device: Console
+    out: object | None
+    in_fd: int | None
+    keep_fds: list[int]
+    start: Callable[[], None] | None
+
+
+def open_console(params, label: str) -> ConsoleParts:
+    """Open `params`' (a config.SerialParameters) output and input and make the device."""
+    from crosvm.devices.serial_device import InputThread, open_input, open_output
+    out = open_output(params)
+    try:
+        in_fd = open_input(params, out)
+    except BaseException:
+        if out is not None:
+            out.close()
+        raise
+    device = Console(out, label=label)
+    keep_fds = [device.input_ready.fd] + (out.fds() if out is not None else [])
+    start = None
+    if in_fd is not None:
+        keep_fds.append(in_fd)
+        start = lambda: InputThread(in_fd, device, f"{label}_input").start()  # noqa: E731
+    return ConsoleParts(device, out, in_fd, keep_fds, start)
