@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 
 from crosvm.cli import main as cli_main
@@ -19,6 +20,21 @@ ALLOWED_LINES = ("is deprecated, use",)
 
 def _no_vm(cfg) -> int:
     return 0
+
+
+def argv_from(data: bytes, vocabulary: list[str], max_args: int = 64) -> list[str]:
+    """Arguments separated by NUL bytes (argv cannot hold NUL). One whose first byte is
+    below 0x20 is an option from `vocabulary` (that byte picks it) with the rest as its
+    value; any other is raw bytes, decoded as Python decodes argv."""
+    args: list[str] = []
+    for token in data.split(b"\0")[:max_args]:
+        if token and token[0] < 0x20:
+            args.append(vocabulary[token[0] % len(vocabulary)])
+            if len(token) > 1:
+                args.append(os.fsdecode(token[1:]))
+        else:
+            args.append(os.fsdecode(token))
+    return args
 
 
 def run_crosvm(argv: list[str]) -> tuple[int, str]:

@@ -9,31 +9,16 @@ become surrogates).
 
 from __future__ import annotations
 
-import os
-
 from crosvm.cli.options import RUN_OPTIONS
-from fuzz.cli_harness import check, run_standalone
+from fuzz.cli_harness import argv_from, check, run_standalone
 
 _GLOBAL = ["--log-level", "--no-syslog", "--extended-status", "--help", "-h"]
 VOCABULARY = ([f"--{o.long}" for o in RUN_OPTIONS] + [f"-{o.short}" for o in RUN_OPTIONS
                                                      if o.short] + _GLOBAL + ["--"])
 
 
-def argv_from(data: bytes) -> list[str]:
-    args: list[str] = []
-    for token in data.split(b"\0")[:64]:
-        if token and token[0] < 0x20:
-            option = VOCABULARY[token[0] % len(VOCABULARY)]
-            args.append(option)
-            if len(token) > 1:
-                args.append(os.fsdecode(token[1:]))
-        else:
-            args.append(os.fsdecode(token))
-    return args
-
-
 def one_input(data: bytes) -> None:
-    args = argv_from(data)
+    args = argv_from(data, VOCABULARY)
     if args and args[0] in _GLOBAL:  # global options go before the command
         check(args[:2] + ["run"] + args[2:])
     else:

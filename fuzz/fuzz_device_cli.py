@@ -9,28 +9,14 @@ option of that command (the byte picks it) with the rest as its value.
 
 from __future__ import annotations
 
-import os
-
 from crosvm.cli.device_command import (DEVICE_FLAGS, TYPES, DeviceUsageError,
                                        parse_device, parse_devices)
 from crosvm.cli.main import one_line
-from fuzz.cli_harness import run_standalone
+from fuzz.cli_harness import argv_from, run_standalone
 
 DEVICE_OPTIONS = sorted({f"--{flag}" for flags in DEVICE_FLAGS.values() for flag in flags}
                         | {"--socket-path"})
 DEVICES_OPTIONS = ["--block", "--net", "--vsock", "--serial", "--jail", "--disable-sandbox"]
-
-
-def argv_from(data: bytes, vocabulary: list[str]) -> list[str]:
-    args: list[str] = []
-    for token in data.split(b"\0")[:32]:
-        if token and token[0] < 0x20:
-            args.append(vocabulary[token[0] % len(vocabulary)])
-            if len(token) > 1:
-                args.append(os.fsdecode(token[1:]))
-        else:
-            args.append(os.fsdecode(token))
-    return args
 
 
 def one_input(data: bytes) -> None:
@@ -38,11 +24,11 @@ def one_input(data: bytes) -> None:
         return
     try:
         if data[0] % 2 == 0:
-            args = argv_from(data[2:], DEVICE_OPTIONS)
+            args = argv_from(data[2:], DEVICE_OPTIONS, 32)
             kind = TYPES[data[1] % len(TYPES)] if len(data) > 1 else "block"
             parse_device([kind] + args)
         else:
-            parse_devices(argv_from(data[1:], DEVICES_OPTIONS))
+            parse_devices(argv_from(data[1:], DEVICES_OPTIONS, 32))
     except DeviceUsageError as e:
         assert str(e) and "\n" not in one_line(str(e)), str(e)  # printed as one line
 
